@@ -1,0 +1,3 @@
+from mt5backupd.cli import main
+
+raise SystemExit(main())

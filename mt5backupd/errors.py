@@ -1,0 +1,40 @@
+"""One exception base for everything the CLI reports as a one-line error with an exit code.
+
+Exit codes are part of the contract (documented in docs/cli.md); never renumber them.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the run failed; nothing new is presented as a backup
+EXIT_USAGE = 2  # argparse's own code for a bad command line
+EXIT_PENDING = 3  # local backup good, upload still pending
+EXIT_CONFIG = 4  # config, secret file or permission problem; nothing was attempted
+EXIT_LOCKED = 5  # another run holds the lock
+EXIT_VERIFY = 6  # a verification/check failed (checksum, test restore, self-check)
+
+
+class Mt5BackupError(Exception):
+    """Base of all expected failures; ``str(err)`` is the one line shown to the operator."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(Mt5BackupError):
+    """Bad config value, unknown key, unreadable or unprotected secret file."""
+
+    exit_code = EXIT_CONFIG
+
+
+class LockHeldError(Mt5BackupError):
+    exit_code = EXIT_LOCKED
+
+
+class VerifyError(Mt5BackupError):
+    exit_code = EXIT_VERIFY
+
+
+class UploadPendingError(Mt5BackupError):
+    """The local backup is complete and verified but could not be uploaded yet."""
+
+    exit_code = EXIT_PENDING

@@ -1,0 +1,86 @@
+"""Logging: loguru, human lines on stderr (journald adds its own timestamps), JSON lines on disk.
+
+Known secret values are registered here and masked in every message, including messages that
+arrive from stdlib loggers (aiohttp, apscheduler), so a token can never reach a log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+if TYPE_CHECKING:
+    from loguru import Record
+
+    from mt5backupd.config import LogConfig
+
+_secrets: set[str] = set()
+MASK = "***"
+
+
+def register_secret(value: str) -> None:
+    """Mask ``value`` in every later log message. Short values are ignored (too many false hits)."""
+    if len(value) >= 6:
+        _secrets.add(value)
+
+
+def mask(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def _patch(record: Record) -> None:
+    if _secrets:
+        record["message"] = mask(record["message"])
+
+
+class _InterceptHandler(logging.Handler):
+    """Route stdlib logging records into loguru, keeping the original logger name."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info).bind(source=record.name).log(
+            level, record.getMessage()
+        )
+
+
+_HUMAN = "<level>{level: <7}</level> {extra[component]}: {message}"
+
+
+def setup_logging(cfg: LogConfig | None, component: str, *, verbose: bool = False) -> None:
+    """Configure sinks once per process. ``component`` names the process (backup, receiver, ...)."""
+    logger.remove()
+    logger.configure(extra={"component": component}, patcher=_patch)
+    level = "DEBUG" if verbose else (cfg.level if cfg else "INFO")
+    logger.add(sys.stderr, level=level, format=_HUMAN, colorize=None, backtrace=False,
+               diagnose=False)
+    if cfg is not None and cfg.dir is not None:
+        log_dir = Path(cfg.dir)
+        log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        logger.add(
+            log_dir / f"mt5backupd-{component}.jsonl",
+            level=level,
+            serialize=True,
+            rotation=cfg.rotation_bytes,
+            retention=cfg.retention_files,
+            enqueue=False,
+            backtrace=False,
+            diagnose=False,  # diagnose would print local variables, secrets included
+        )
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.INFO, force=True)
+    for noisy in ("aiohttp.access",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def bind(**extra: Any) -> Any:
+    """A logger carrying extra fields (run id, job, client) on every line."""
+    return logger.bind(**extra)

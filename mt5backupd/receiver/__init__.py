@@ -1,0 +1,1 @@
+"""The backup receiver: an aiohttp server storing uploads atomically, verified, per client."""

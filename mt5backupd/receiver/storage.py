@@ -1,0 +1,725 @@
+"""Receiver storage: append-only, per-client, atomic and verified. Knows nothing of HTTP or metrics.
+
+Layout under ``data_dir`` (one filesystem, so every publish is a rename)::
+
+    backups/<client>/<id>/data        committed bytes (mode 0440), never modified
+    backups/<client>/<id>/meta.json   id, name, kind, size, sha256, created, metadata
+    partial/<client>/<upload>.data    resumable upload in progress (offset = file size)
+    partial/<client>/<upload>.json    its session description
+    staging/<random>/                 a backup being assembled; renamed into backups/ whole
+    trash/<random>/                   a deleted backup on its way out
+
+A backup becomes visible by one directory rename of a fully written, fsynced directory, so a
+reader sees either nothing or the whole verified backup. rename(2) refuses a non-empty target,
+so an existing backup can never be replaced: append-only is enforced by the filesystem itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from mt5backupd.fsutil import atomic_write_json, free_bytes, fsync_dir, is_disk_full
+from mt5backupd.names import (
+    InvalidName,
+    validate_backup_id,
+    validate_client_name,
+    validate_kind,
+    validate_upload_id,
+)
+from mt5backupd.retention import Item, Policy, select_remove
+
+WRITE_CHUNK_BYTES = 1024 * 1024
+FREE_CHECK_EVERY_BYTES = 64 * 1024 * 1024
+MAX_METADATA_BYTES = 16 * 1024
+
+BytesCallback = Callable[[int], None]
+
+
+class StorageError(Exception):
+    """Base of refusals; ``reason`` is a stable label (metrics, JSON error bodies)."""
+
+    reason = "error"
+
+
+class NotFound(StorageError):
+    reason = "not_found"
+
+
+class Conflict(StorageError):
+    reason = "conflict"
+
+
+class BadRequest(StorageError):
+    reason = "bad_request"
+
+
+class InvalidId(BadRequest):
+    reason = "invalid_id"
+
+
+class UploadBusy(StorageError):
+    reason = "upload_busy"
+
+
+class OffsetMismatch(StorageError):
+    reason = "offset_mismatch"
+
+    def __init__(self, expected: int, current: int) -> None:
+        super().__init__(f"offset {expected} does not match the upload's current offset {current}")
+        self.current = current
+
+
+class TooLarge(StorageError):
+    reason = "too_large"
+
+
+class InsufficientStorage(StorageError):
+    reason = "insufficient_storage"
+
+
+class ChecksumMismatch(StorageError):
+    reason = "checksum_mismatch"
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__(f"sha256 mismatch: client said {expected}, received data is {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class SizeMismatch(StorageError):
+    reason = "size_mismatch"
+
+    def __init__(self, expected: int, actual: int) -> None:
+        super().__init__(f"size mismatch: client said {expected} bytes, received {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+@dataclass(frozen=True)
+class BackupRecord:
+    id: str
+    client: str
+    name: str
+    kind: str
+    size: int
+    sha256: str
+    created: str  # ISO 8601 UTC
+    metadata: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "client": self.client,
+            "name": self.name,
+            "kind": self.kind,
+            "size": self.size,
+            "sha256": self.sha256,
+            "created": self.created,
+            "metadata": self.metadata,
+        }
+
+    @property
+    def created_dt(self) -> datetime:
+        return datetime.fromisoformat(self.created)
+
+
+@dataclass
+class _Session:
+    uid: str
+    client: str
+    name: str
+    kind: str
+    expected_size: int | None
+    metadata: dict[str, Any]
+    created: str
+    offset: int = 0
+    hasher: Any = None  # hashlib sha256 over bytes [0, offset); None = re-hash from disk
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "upload_id": self.uid,
+            "name": self.name,
+            "kind": self.kind,
+            "expected_size": self.expected_size,
+            "metadata": self.metadata,
+            "created": self.created,
+        }
+
+
+@dataclass(frozen=True)
+class TempUpload:
+    """A one-shot upload fully received into a temp file, not yet published."""
+
+    client: str
+    path: Path
+    size: int
+    sha256: str
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _check_metadata(metadata: Any) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+        raise BadRequest("metadata must be a JSON object")
+    if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+        raise BadRequest(f"metadata larger than {MAX_METADATA_BYTES} bytes")
+    return metadata
+
+
+class _ChunkWriter:
+    """Appends to ``fd`` and hashes in a worker thread while the event loop reads the next chunk.
+
+    ``offset`` and the hasher advance only after a buffer is fully written, so after any error
+    the file can be truncated back to ``offset`` and the state is exact again.
+    """
+
+    def __init__(self, storage: Storage, fd: int, hasher: Any, offset: int, limit: int) -> None:
+        self._storage = storage
+        self._fd = fd
+        self._hasher = hasher
+        self.offset = offset
+        self._limit = limit
+        self._received = offset
+        self._buf = bytearray()
+        self._pending: asyncio.Future[None] | None = None
+        self._since_free_check = 0
+
+    async def feed(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self._limit:
+            raise TooLarge(f"upload exceeds {self._limit} bytes")
+        self._buf += data
+        if len(self._buf) >= WRITE_CHUNK_BYTES:
+            await self._dispatch()
+
+    async def _dispatch(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+        if self._buf:
+            chunk, self._buf = bytes(self._buf), bytearray()
+            self._pending = asyncio.get_running_loop().run_in_executor(None, self._write, chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise InsufficientStorage("receiver disk full") from None
+            raise
+        self._hasher.update(chunk)
+        self.offset += len(chunk)
+        self._storage.on_bytes(len(chunk))
+        self._since_free_check += len(chunk)
+        if self._since_free_check >= FREE_CHECK_EVERY_BYTES:
+            self._since_free_check = 0
+            self._storage.check_free(0)
+
+    async def finish(self) -> None:
+        """Write what is buffered and make it durable."""
+        await self._dispatch()
+        await self._dispatch()  # waits for the last write dispatched by the first call
+        await asyncio.get_running_loop().run_in_executor(None, os.fsync, self._fd)
+
+    async def drain_quietly(self) -> None:
+        """After a failure: let an in-flight write end so the file is not changed behind us."""
+        if self._pending is not None:
+            with contextlib.suppress(BaseException):
+                await self._pending
+            self._pending = None
+
+
+class Storage:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_upload_bytes: int,
+        min_free_bytes: int,
+        partial_ttl_s: float,
+        on_bytes: BytesCallback | None = None,
+    ) -> None:
+        self.root = root
+        self.max_upload_bytes = max_upload_bytes
+        self.min_free_bytes = min_free_bytes
+        self.partial_ttl_s = partial_ttl_s
+        self.on_bytes: BytesCallback = on_bytes or (lambda _n: None)
+        self._sessions: dict[tuple[str, str], _Session] = {}
+        for sub in ("backups", "partial", "staging", "trash"):
+            (root / sub).mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._real_root = os.path.realpath(root)
+        # A crash mid-publish or mid-delete leaves these; neither is ever visible as a backup.
+        for sub in ("staging", "trash"):
+            for leftover in (root / sub).iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    # ---- paths, always validated and confined to the root ----
+
+    def _inside(self, path: Path) -> Path:
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, self._real_root]) != self._real_root:
+            raise NotFound("not found")
+        return path
+
+    def _client_dir(self, area: str, client: str) -> Path:
+        try:
+            validate_client_name(client)
+        except InvalidName as exc:
+            raise InvalidId(str(exc)) from None
+        return self._inside(self.root / area / client)
+
+    def _backup_dir(self, client: str, backup_id: str) -> Path:
+        try:
+            validate_backup_id(backup_id)
+        except InvalidName as exc:
+            raise InvalidId(str(exc)) from None
+        return self._inside(self._client_dir("backups", client) / backup_id)
+
+    def _partial_paths(self, client: str, uid: str) -> tuple[Path, Path]:
+        try:
+            validate_upload_id(uid)
+        except InvalidName as exc:
+            raise InvalidId(str(exc)) from None
+        base = self._client_dir("partial", client)
+        return self._inside(base / f"{uid}.data"), self._inside(base / f"{uid}.json")
+
+    # ---- space ----
+
+    def check_free(self, needed_bytes: int) -> None:
+        free = free_bytes(self.root)
+        if free - needed_bytes < self.min_free_bytes:
+            raise InsufficientStorage(
+                f"receiver has {free} bytes free; {needed_bytes} more would go below "
+                f"min_free_bytes={self.min_free_bytes}"
+            )
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes used by committed backups, bytes free on the filesystem)."""
+        used = 0
+        for client_dir in (self.root / "backups").iterdir():
+            for backup in client_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    used += (backup / "data").stat().st_size
+        return used, free_bytes(self.root)
+
+    def partial_count(self) -> int:
+        return sum(1 for _ in (self.root / "partial").glob("*/*.json"))
+
+    # ---- resumable sessions ----
+
+    async def create_session(
+        self,
+        client: str,
+        name: str,
+        kind: str,
+        expected_size: int | None,
+        metadata: Any,
+    ) -> _Session:
+        try:
+            validate_backup_id(name)
+            validate_kind(kind)
+        except InvalidName as exc:
+            raise InvalidId(str(exc)) from None
+        metadata = _check_metadata(metadata)
+        if expected_size is not None:
+            if expected_size < 0:
+                raise BadRequest("size must be >= 0")
+            if expected_size > self.max_upload_bytes:
+                raise TooLarge(f"size {expected_size} exceeds max_upload_bytes "
+                               f"{self.max_upload_bytes}")
+            self.check_free(expected_size)
+        if self._backup_dir(client, name).exists():
+            raise Conflict(f"backup {name!r} already exists")
+        uid = secrets.token_hex(16)
+        data_path, meta_path = self._partial_paths(client, uid)
+        data_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        sess = _Session(uid, client, name, kind, expected_size, metadata, _now_iso(),
+                        hasher=hashlib.sha256())
+        fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        atomic_write_json(meta_path, sess.to_json())
+        self._sessions[(client, uid)] = sess
+        return sess
+
+    def _get_session(self, client: str, uid: str) -> _Session:
+        data_path, meta_path = self._partial_paths(client, uid)
+        key = (client, uid)
+        sess = self._sessions.get(key)
+        if sess is not None:
+            if data_path.exists():
+                return sess
+            self._sessions.pop(key, None)  # expired or removed underneath us
+            raise NotFound(f"upload {uid} not found")
+        try:
+            info = json.loads(meta_path.read_text())
+            size = data_path.stat().st_size
+        except (FileNotFoundError, ValueError):
+            raise NotFound(f"upload {uid} not found") from None
+        # After a restart the hash is rebuilt from disk on first use (see _ensure_hasher).
+        sess = _Session(uid, client, info["name"], info["kind"], info.get("expected_size"),
+                        info.get("metadata") or {}, info["created"], offset=size, hasher=None)
+        self._sessions[key] = sess
+        return sess
+
+    async def _ensure_hasher(self, sess: _Session) -> None:
+        if sess.hasher is not None:
+            return
+        data_path, _ = self._partial_paths(sess.client, sess.uid)
+
+        def rehash() -> tuple[Any, int]:
+            h = hashlib.sha256()
+            n = 0
+            with data_path.open("rb") as fh:
+                while block := fh.read(WRITE_CHUNK_BYTES):
+                    h.update(block)
+                    n += len(block)
+            return h, n
+
+        sess.hasher, sess.offset = await asyncio.get_running_loop().run_in_executor(None, rehash)
+
+    def session_info(self, client: str, uid: str) -> dict[str, Any]:
+        sess = self._get_session(client, uid)
+        if sess.hasher is None:  # the file size is the offset; no need to re-hash to answer
+            data_path, _ = self._partial_paths(client, uid)
+            sess.offset = data_path.stat().st_size
+        return {**sess.to_json(), "offset": sess.offset}
+
+    def _upload_limit(self, sess: _Session) -> int:
+        if sess.expected_size is not None:
+            return min(sess.expected_size, self.max_upload_bytes)
+        return self.max_upload_bytes
+
+    async def append(
+        self,
+        client: str,
+        uid: str,
+        offset: int,
+        chunks: AsyncIterable[bytes],
+        content_length: int | None,
+    ) -> int:
+        """Append the body at ``offset``; return the new offset.
+
+        If the client goes away mid-body, what arrived is kept (tus semantics) and the error is
+        re-raised. A size or space refusal removes the whole upload: its data is worthless and
+        the space is what is short.
+        """
+        sess = self._get_session(client, uid)
+        if sess.lock.locked():
+            raise UploadBusy(f"upload {uid} is receiving data on another connection")
+        async with sess.lock:
+            await self._ensure_hasher(sess)
+            if offset != sess.offset:
+                raise OffsetMismatch(offset, sess.offset)
+            limit = self._upload_limit(sess)
+            if content_length is not None and offset + content_length > limit:
+                await self._discard_session(sess)
+                raise TooLarge(f"upload would reach {offset + content_length} bytes, over {limit}")
+            try:
+                self.check_free(content_length or 0)
+            except InsufficientStorage:
+                await self._discard_session(sess)
+                raise
+            data_path, _ = self._partial_paths(client, uid)
+            fd = os.open(data_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            writer = _ChunkWriter(self, fd, sess.hasher, sess.offset, limit)
+            source_error: BaseException | None = None
+            try:
+                iterator = chunks.__aiter__()
+                while True:
+                    try:
+                        chunk = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except Exception as exc:  # noqa: BLE001 - any failure of the client stream: keep what arrived
+                        source_error = exc
+                        break
+                    await writer.feed(chunk)
+                await writer.finish()
+            except BaseException as exc:
+                await writer.drain_quietly()
+                os.close(fd)
+                fd = -1
+                if isinstance(exc, TooLarge | InsufficientStorage) or (
+                    isinstance(exc, OSError) and is_disk_full(exc)
+                ):
+                    await self._discard_session(sess)
+                    if isinstance(exc, OSError):
+                        raise InsufficientStorage("receiver disk full") from None
+                    raise
+                # Unknown failure: cut back to the last fully written buffer.
+                with contextlib.suppress(OSError):
+                    os.truncate(data_path, writer.offset)
+                sess.offset = writer.offset
+                raise
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            sess.offset = writer.offset
+            os.utime(data_path)  # activity keeps the session alive for partial_ttl_s
+            if source_error is not None:
+                raise source_error
+            return sess.offset
+
+    async def commit(self, client: str, uid: str, sha256: str, size: int) -> BackupRecord:
+        sess = self._get_session(client, uid)
+        if sess.lock.locked():
+            raise UploadBusy(f"upload {uid} is receiving data on another connection")
+        async with sess.lock:
+            await self._ensure_hasher(sess)
+            actual_sha = sess.hasher.hexdigest()
+            if size != sess.offset:
+                await self._discard_session(sess)
+                raise SizeMismatch(size, sess.offset)
+            if sha256.lower() != actual_sha:
+                await self._discard_session(sess)
+                raise ChecksumMismatch(sha256.lower(), actual_sha)
+            data_path, meta_path = self._partial_paths(client, uid)
+            record = await self._publish(client, data_path, sess.name, sess.kind, sess.offset,
+                                         actual_sha, sess.metadata)
+            with contextlib.suppress(FileNotFoundError):
+                meta_path.unlink()
+            self._sessions.pop((client, uid), None)
+            return record
+
+    async def abort(self, client: str, uid: str) -> None:
+        sess = self._get_session(client, uid)
+        await self._discard_session(sess)
+
+    async def _discard_session(self, sess: _Session) -> None:
+        data_path, meta_path = self._partial_paths(sess.client, sess.uid)
+        for path in (meta_path, data_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._sessions.pop((sess.client, sess.uid), None)
+
+    # ---- one-shot (legacy) uploads ----
+
+    async def receive_temp(
+        self, client: str, chunks: AsyncIterable[bytes], content_length: int | None
+    ) -> TempUpload:
+        """Stream a whole body into a temp file, hashing it; the temp is removed on any error."""
+        if content_length is not None and content_length > self.max_upload_bytes:
+            raise TooLarge(f"upload of {content_length} bytes exceeds max_upload_bytes "
+                           f"{self.max_upload_bytes}")
+        self.check_free(content_length or 0)
+        tmp_dir = self._client_dir("partial", client)
+        tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        path = tmp_dir / f"oneshot-{secrets.token_hex(16)}.data"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        hasher = hashlib.sha256()
+        writer = _ChunkWriter(self, fd, hasher, 0, self.max_upload_bytes)
+        try:
+            try:
+                async for chunk in chunks:
+                    await writer.feed(chunk)
+                await writer.finish()
+            except BaseException:
+                await writer.drain_quietly()
+                raise
+            finally:
+                os.close(fd)
+        except BaseException as exc:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            if isinstance(exc, OSError) and is_disk_full(exc):
+                raise InsufficientStorage("receiver disk full") from None
+            raise
+        return TempUpload(client, path, writer.offset, hasher.hexdigest())
+
+    async def publish_temp(
+        self,
+        temp: TempUpload,
+        name: str,
+        kind: str,
+        metadata: Any,
+        expected_sha256: str | None,
+    ) -> BackupRecord:
+        try:
+            try:
+                validate_backup_id(name)
+                validate_kind(kind)
+            except InvalidName as exc:
+                raise InvalidId(str(exc)) from None
+            metadata = _check_metadata(metadata)
+            if expected_sha256 is not None and expected_sha256.lower() != temp.sha256:
+                raise ChecksumMismatch(expected_sha256.lower(), temp.sha256)
+            return await self._publish(temp.client, temp.path, name, kind, temp.size,
+                                       temp.sha256, metadata)
+        finally:
+            self.discard_temp(temp)
+
+    def discard_temp(self, temp: TempUpload) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            temp.path.unlink()
+
+    # ---- publish: the only way anything becomes a backup ----
+
+    async def _publish(
+        self,
+        client: str,
+        data_src: Path,
+        name: str,
+        kind: str,
+        size: int,
+        sha256: str,
+        metadata: dict[str, Any],
+    ) -> BackupRecord:
+        dest = self._backup_dir(client, name)
+        existing = self._read_record(client, name)
+        if existing is not None:
+            if existing.sha256 == sha256 and existing.size == size:
+                # A retried upload of the very same bytes: answer as if it were the first.
+                with contextlib.suppress(FileNotFoundError):
+                    data_src.unlink()
+                return existing
+            raise Conflict(f"backup {name!r} already exists with other content")
+        record = BackupRecord(name, client, name, kind, size, sha256, _now_iso(), metadata)
+
+        def assemble() -> None:
+            stage = self.root / "staging" / secrets.token_hex(16)
+            stage.mkdir(mode=0o750)
+            try:
+                os.rename(data_src, stage / "data")
+                os.chmod(stage / "data", 0o440)
+                fd = os.open(stage / "data", os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                atomic_write_json(stage / "meta.json", record.to_json(), mode=0o440)
+                fsync_dir(stage)
+                dest.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+                try:
+                    os.rename(stage, dest)
+                except OSError as exc:
+                    if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise Conflict(f"backup {name!r} already exists") from None
+                    raise
+                fsync_dir(dest.parent)
+            except BaseException:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, assemble)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise InsufficientStorage("receiver disk full") from None
+            raise
+        return record
+
+    # ---- reading ----
+
+    def _read_record(self, client: str, backup_id: str) -> BackupRecord | None:
+        meta = self._backup_dir(client, backup_id) / "meta.json"
+        try:
+            data = json.loads(meta.read_text())
+        except FileNotFoundError:
+            return None
+        return BackupRecord(
+            id=data["id"], client=data["client"], name=data["name"], kind=data["kind"],
+            size=int(data["size"]), sha256=data["sha256"], created=data["created"],
+            metadata=data.get("metadata") or {},
+        )
+
+    def get(self, client: str, backup_id: str) -> BackupRecord:
+        record = self._read_record(client, backup_id)
+        if record is None:
+            raise NotFound(f"backup {backup_id!r} not found")
+        return record
+
+    def clients(self) -> list[str]:
+        return sorted(p.name for p in (self.root / "backups").iterdir()
+                      if p.is_dir() and not p.name.startswith("."))
+
+    def list_backups(self, client: str) -> list[BackupRecord]:
+        base = self._client_dir("backups", client)
+        if not base.is_dir():
+            return []
+        records = []
+        for entry in base.iterdir():
+            if entry.name.startswith("."):
+                continue
+            try:
+                record = self._read_record(client, entry.name)
+            except (InvalidId, ValueError, KeyError):
+                continue
+            if record is not None:
+                records.append(record)
+        return sorted(records, key=lambda r: (r.created, r.id))
+
+    def open_data(self, client: str, backup_id: str) -> tuple[BackupRecord, BinaryIO]:
+        record = self.get(client, backup_id)
+        path = self._inside(self._backup_dir(client, backup_id) / "data")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        return record, os.fdopen(fd, "rb")
+
+    # ---- admin ----
+
+    def delete(self, client: str, backup_id: str) -> BackupRecord:
+        record = self.get(client, backup_id)
+        dest = self._backup_dir(client, backup_id)
+        trash = self.root / "trash" / secrets.token_hex(16)
+        os.rename(dest, trash)  # disappears atomically, then is removed at leisure
+        fsync_dir(dest.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+        return record
+
+    def prune(self, client: str, policy: Policy, *, dry_run: bool = False) -> list[BackupRecord]:
+        """Apply ``policy`` to each kind of ``client``'s backups; return what was (or would be)
+        removed. The newest backup of each kind always stays."""
+        policy.validate()
+        by_kind: dict[str, list[BackupRecord]] = {}
+        for record in self.list_backups(client):
+            by_kind.setdefault(record.kind, []).append(record)
+        removed: list[BackupRecord] = []
+        for records in by_kind.values():
+            by_id = {r.id: r for r in records}
+            doomed = select_remove([Item(r.id, r.created_dt) for r in records], policy)
+            for backup_id in doomed:
+                if not dry_run:
+                    self.delete(client, backup_id)
+                removed.append(by_id[backup_id])
+        return removed
+
+    def expire_partials(self, now: float | None = None) -> int:
+        """Remove uploads idle for longer than partial_ttl_s; return how many."""
+        now = time.time() if now is None else now
+        removed = 0
+        for client_dir in (self.root / "partial").iterdir():
+            for path in client_dir.glob("*.data"):
+                uid = path.name.removesuffix(".data")
+                sess = self._sessions.get((client_dir.name, uid))
+                if sess is not None and sess.lock.locked():
+                    continue
+                try:
+                    idle_s = now - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if idle_s > self.partial_ttl_s:
+                    for victim in (path, path.with_suffix(".json")):
+                        with contextlib.suppress(FileNotFoundError):
+                            victim.unlink()
+                    self._sessions.pop((client_dir.name, uid), None)
+                    removed += 1
+        return removed
