@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from loguru import logger
 
 from mt5backupd import __version__
 from mt5backupd.config import Config, load_config, resolve_config_path
-from mt5backupd.errors import EXIT_FAILURE, EXIT_OK, Mt5BackupError
+from mt5backupd.backup import BackupResult, run_backup
+from mt5backupd.errors import EXIT_FAILURE, EXIT_OK, EXIT_PENDING, Mt5BackupError
 from mt5backupd.logs import setup_logging
 
 
@@ -32,7 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mt5backupd {__version__}")
     _add_common(parser, top=True)
+    parser.add_argument("--run-now", action="store_true",
+                        help="take one database backup now, in the foreground, and exit")
+    parser.add_argument("--env-file", metavar="PATH",
+                        help="legacy /etc/default/mt5-backup style KEY=VALUE overrides")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    pend = sub.add_parser("upload-pending", help="upload local backups whose upload is pending")
+    _add_common(pend, top=False)
+
+    demo = sub.add_parser("demo", help="throwaway PostgreSQL + receiver + one verified backup")
+    demo.add_argument("--size-mb", type=float, default=20.0,
+                      help="size of the generated trading database (default 20)")
+    demo.add_argument("--keep", metavar="DIR", help="keep the demo's files in DIR")
 
     rec = sub.add_parser("receiver", help="run the backup receiver (HTTP server)")
     _add_common(rec, top=False)
@@ -54,9 +70,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace) -> Config:
     path, explicit = resolve_config_path(args.config, os.environ)
+    env_file = Path(args.env_file) if args.env_file else None
     if not explicit and not path.exists():
-        return load_config(None)
-    return load_config(path)
+        return load_config(None, env_file=env_file)
+    return load_config(path, env_file=env_file)
+
+
+def _print_result(result: BackupResult, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(result.summary())
+
+
+def _cmd_run_now(args: argparse.Namespace, config: Config) -> int:
+    setup_logging(config.log, "backup", verbose=args.verbose)
+    result = asyncio.run(run_backup(config, show_progress=sys.stderr.isatty() and not args.json))
+    _print_result(result, args.json)
+    return result.exit_code
+
+
+def _cmd_upload_pending(args: argparse.Namespace, config: Config) -> int:
+    from mt5backupd.backup import pending_command
+
+    setup_logging(config.log, "backup", verbose=args.verbose)
+    done, left = asyncio.run(pending_command(config))
+    if args.json:
+        print(json.dumps({"uploaded": done, "pending": left}))
+    else:
+        print(f"uploaded {done} pending backup(s); {left} still pending")
+    return EXIT_PENDING if left else EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mt5backupd.demo import run_demo
+
+    setup_logging(None, "demo", verbose=args.verbose)
+    keep = Path(args.keep) if args.keep else None
+    return asyncio.run(run_demo(size_bytes=int(args.size_mb * 1e6), keep_dir=keep,
+                                as_json=args.json))
 
 
 def _cmd_receiver(args: argparse.Namespace, config: Config) -> int:
@@ -91,12 +143,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
     try:
-        if args.command is None:
+        if args.command == "demo":
+            return _cmd_demo(args)
+        if args.command is None and not args.run_now:
             parser.print_help(sys.stderr)
             return EXIT_FAILURE
         config = _load(args)
+        if args.run_now:
+            if args.command is not None:
+                parser.error("--run-now takes no command")
+            return _cmd_run_now(args, config)
         if args.command == "receiver":
             return _cmd_receiver(args, config)
+        if args.command == "upload-pending":
+            return _cmd_upload_pending(args, config)
         parser.error(f"unknown command {args.command!r}")
     except Mt5BackupError as exc:
         if verbose:
@@ -112,5 +172,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["build_parser", "main"]

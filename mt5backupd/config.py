@@ -8,9 +8,10 @@ fall back to a default.
 from __future__ import annotations
 
 import os
+import shlex
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,11 +83,90 @@ class LogConfig:
     retention_files: int = 10
 
 
+COMPRESSION_KINDS = ("zstd", "gzip", "none")
+DEFAULT_COMPRESSION = "zstd:3"
+ON_UNAVAILABLE = ("keep-local", "abort")
+
+
+@dataclass(frozen=True)
+class Compression:
+    """``zstd:LEVEL`` (pg_dump -Z0, compressed in-process), ``gzip:LEVEL`` (pg_dump's own -Z),
+    or ``none``."""
+
+    kind: str
+    level: int
+
+    @property
+    def suffix(self) -> str:
+        return ".dump.zst" if self.kind == "zstd" else ".dump"
+
+    def __str__(self) -> str:
+        return "none" if self.kind == "none" else f"{self.kind}:{self.level}"
+
+
+def parse_compression(value: str) -> Compression:
+    """Parse ``zstd:3`` / ``gzip:6`` / ``none``; ValueError names what is wrong."""
+    kind, _, level_s = value.strip().lower().partition(":")
+    if kind not in COMPRESSION_KINDS:
+        raise ValueError(f"must be zstd:LEVEL, gzip:LEVEL or none; got {value!r}")
+    if kind == "none":
+        if level_s:
+            raise ValueError("none takes no level")
+        return Compression("none", 0)
+    default_level = 3 if kind == "zstd" else 6
+    if not level_s:
+        return Compression(kind, default_level)
+    if not level_s.isdigit():
+        raise ValueError(f"level must be a number; got {level_s!r}")
+    level = int(level_s)
+    low, high = (1, 19) if kind == "zstd" else (1, 9)
+    if not low <= level <= high:
+        raise ValueError(f"{kind} level must be {low}..{high}; got {level}")
+    return Compression(kind, level)
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    host: str | None = None  # None: libpq's PGHOST/default socket
+    port: int | None = None
+    user: str | None = None
+    dbname: str = "mt5_trading"
+    password_file: Path | None = None
+    password: Secret | None = None  # legacy POSTGRES_PASSWORD only; never from TOML
+    pg_dump: str = "pg_dump"
+    pg_restore: str = "pg_restore"
+    compression: Compression = field(default_factory=lambda: parse_compression(
+        DEFAULT_COMPRESSION))
+    compression_threads: int = 2
+    stall_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    dir: Path = Path("/var/backups/mt5")
+    keep: int = 3
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    url: str | None = None  # None: local-only backups
+    token_file: Path | None = None
+    token: Secret | None = None  # legacy BACKUP_API_TOKEN only; never from TOML
+    max_retries: int = 3
+    retry_delay_s: float = 5.0
+    timeout_s: float = 60.0
+    ca_file: Path | None = None
+    on_unavailable: str = "keep-local"
+
+
 @dataclass(frozen=True)
 class Config:
     source: Path | None = None  # the TOML file this came from, for messages
     log: LogConfig = field(default_factory=LogConfig)
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
     # The legacy BACKUP_API_TOKEN, served by the receiver as the client token named "default".
     legacy_receiver_token: Secret | None = None
 
@@ -224,6 +304,139 @@ def _load_log(sec: _Section, env: Mapping[str, str]) -> LogConfig:
     return cfg
 
 
+def _load_database(sec: _Section) -> DatabaseConfig:
+    d = DatabaseConfig()
+    raw_compression = sec.get("compression", str, DEFAULT_COMPRESSION)
+    try:
+        compression = parse_compression(raw_compression)
+    except ValueError as exc:
+        raise sec._err("compression", str(exc)) from None
+    port = sec.get("port", int, 0)
+    if not 0 <= port <= 65535:
+        raise sec._err("port", f"must be 1..65535, got {port}")
+    cfg = DatabaseConfig(
+        host=sec.opt_str("host"),
+        port=port or None,
+        user=sec.opt_str("user"),
+        dbname=sec.get("dbname", str, d.dbname),
+        password_file=sec.opt_path("password_file"),
+        pg_dump=sec.get("pg_dump", str, d.pg_dump),
+        pg_restore=sec.get("pg_restore", str, d.pg_restore),
+        compression=compression,
+        compression_threads=sec.int_min("compression_threads", d.compression_threads, 0),
+        stall_timeout_s=sec.float_min("stall_timeout_s", d.stall_timeout_s, 1.0),
+    )
+    if not cfg.dbname:
+        raise sec._err("dbname", "must not be empty")
+    sec.finish()
+    return cfg
+
+
+def _load_local(sec: _Section) -> LocalConfig:
+    d = LocalConfig()
+    cfg = LocalConfig(dir=sec.path("dir", d.dir), keep=sec.int_min("keep", d.keep, 1))
+    sec.finish()
+    return cfg
+
+
+def normalize_remote_url(url: str) -> str:
+    """Accept a base URL or the legacy full upload URL (``.../api/backup/upload``)."""
+    url = url.strip().rstrip("/")
+    for legacy_suffix in ("/api/backup/upload", "/api/backup"):
+        url = url.removesuffix(legacy_suffix)
+    return url
+
+
+def _load_remote(sec: _Section) -> RemoteConfig:
+    d = RemoteConfig()
+    url = sec.opt_str("url")
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise sec._err("url", f"must start with http:// or https://; got {url!r}")
+    cfg = RemoteConfig(
+        url=normalize_remote_url(url) if url else None,
+        token_file=sec.opt_path("token_file"),
+        max_retries=sec.int_min("max_retries", d.max_retries, 0),
+        retry_delay_s=sec.float_min("retry_delay_s", d.retry_delay_s, 0.0),
+        timeout_s=sec.float_min("timeout_s", d.timeout_s, 0.1),
+        ca_file=sec.opt_path("ca_file"),
+        on_unavailable=sec.choice("on_unavailable", d.on_unavailable, ON_UNAVAILABLE),
+    )
+    sec.finish()
+    return cfg
+
+
+LEGACY_VARS = (
+    "POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_HOST", "POSTGRES_PORT",
+    "BACKUP_DIR", "KEEP_LOCAL_BACKUPS", "BACKUP_API_URL", "BACKUP_API_TOKEN", "MAX_RETRIES",
+    "RETRY_DELAY",
+)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a shell-style ``KEY=VALUE`` file like the legacy ``/etc/default/mt5-backup``."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: env file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: env file not readable (permission denied)") from None
+    values: dict[str, str] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE")
+        try:
+            parts = shlex.split(value, comments=True)
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{lineno}: {key}: {exc}") from None
+        values[key] = " ".join(parts)
+    return values
+
+
+def _legacy_int(env: Mapping[str, str], key: str, where: str, minimum: int) -> int | None:
+    if not env.get(key):
+        return None
+    value = env[key].strip()
+    if not value.lstrip("-").isdigit() or int(value) < minimum:
+        raise ConfigError(f"{where}: {key}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def apply_legacy_env(cfg: Config, env: Mapping[str, str], where: str) -> Config:
+    """Overlay the legacy variables (POSTGRES_*, BACKUP_*, ...) on a loaded config."""
+    db, local, remote = cfg.database, cfg.local, cfg.remote
+    port = _legacy_int(env, "POSTGRES_PORT", where, 1)
+    db = replace(
+        db,
+        dbname=env.get("POSTGRES_DB") or db.dbname,
+        user=env.get("POSTGRES_USER") or db.user,
+        host=env.get("POSTGRES_HOST") or db.host,
+        port=port or db.port,
+        password=Secret(env["POSTGRES_PASSWORD"]) if env.get("POSTGRES_PASSWORD") else db.password,
+    )
+    keep = _legacy_int(env, "KEEP_LOCAL_BACKUPS", where, 1)
+    local = replace(local, dir=Path(env["BACKUP_DIR"]) if env.get("BACKUP_DIR") else local.dir,
+                    keep=keep or local.keep)
+    url = env.get("BACKUP_API_URL")
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: BACKUP_API_URL: must start with http:// or https://")
+    retries = _legacy_int(env, "MAX_RETRIES", where, 0)
+    delay = _legacy_int(env, "RETRY_DELAY", where, 0)
+    remote = replace(
+        remote,
+        url=normalize_remote_url(url) if url else remote.url,
+        token=Secret(env["BACKUP_API_TOKEN"]) if env.get("BACKUP_API_TOKEN") else remote.token,
+        max_retries=remote.max_retries if retries is None else retries,
+        retry_delay_s=remote.retry_delay_s if delay is None else float(delay),
+    )
+    return replace(cfg, database=db, local=local, remote=remote)
+
+
 def resolve_config_path(cli_value: str | None, env: Mapping[str, str]) -> tuple[Path, bool]:
     """Return (path, explicit). A missing default file is fine (defaults + env apply)."""
     if cli_value:
@@ -233,9 +446,16 @@ def resolve_config_path(cli_value: str | None, env: Mapping[str, str]) -> tuple[
     return DEFAULT_CONFIG_PATH, False
 
 
-def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
-    """Load ``path`` (None: defaults only) and apply the environment overrides."""
-    env = os.environ if env is None else env
+def load_config(
+    path: Path | None,
+    env: Mapping[str, str] | None = None,
+    env_file: Path | None = None,
+) -> Config:
+    """Load ``path`` (None: defaults only) and apply the legacy variables, from ``env_file``
+    (which wins, being named on the command line) and the environment."""
+    env = dict(os.environ if env is None else env)
+    if env_file is not None:
+        env.update(read_env_file(env_file))
     where = str(path) if path else "<defaults>"
     data: dict[str, Any] = {}
     if path is not None:
@@ -251,15 +471,20 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Conf
     root = _Section(where, "", data)
     log = _load_log(root.sub("log"), env)
     receiver = _load_receiver(root.sub("receiver"))
-    # Sections of the backup side are parsed by their own loaders once present; until then an
-    # unknown top-level table is reported like any unknown key.
+    database = _load_database(root.sub("database"))
+    local = _load_local(root.sub("local"))
+    remote = _load_remote(root.sub("remote"))
     unknown = sorted(set(data) - root.seen)
     if unknown:
         raise ConfigError(f"{where}: [{unknown[0]}]: unknown section")
     token = env.get("BACKUP_API_TOKEN")
-    return Config(
+    cfg = Config(
         source=path,
         log=log,
         receiver=receiver,
+        database=database,
+        local=local,
+        remote=remote,
         legacy_receiver_token=Secret(token) if token else None,
     )
+    return apply_legacy_env(cfg, env, str(env_file) if env_file else "environment")

@@ -45,12 +45,15 @@ _INSTALL_HINT = "install the server with 'apt-get install postgresql' or set " +
 
 StopMode = Literal["smart", "fast", "immediate"]
 
-# Settings for a cluster whose contents may be lost at any moment. Durability settings are off
-# because a crash only ever costs a throwaway; max_wal_size is large so bulk sample-data loads do
-# not spend their time in checkpoints.
+# Settings for a cluster whose contents may be lost at any moment. fsync is off because only an
+# OS crash (not a process crash) could then lose data; max_wal_size is large so bulk sample-data
+# loads do not spend their time in checkpoints. synchronous_commit stays ON deliberately: with
+# fsync off a synchronous commit costs one write() to the page cache, while asynchronous commit
+# would make kill() (the fault tests' crash) silently drop the last ~0.6 s of committed
+# transactions, which is not a failure mode of the production server being simulated.
 _THROWAWAY_SETTINGS: dict[str, str] = {
     "fsync": "off",
-    "synchronous_commit": "off",
+    "synchronous_commit": "on",
     "full_page_writes": "off",
     "shared_buffers": "128MB",
     "max_wal_size": "2GB",
@@ -507,10 +510,17 @@ class PgCluster:
         deadline = time.monotonic() + 10
         while any(_process_alive(v) for v in victims) and time.monotonic() < deadline:
             time.sleep(0.01)
-        # Everything is dead, so the pid file is stale; removing it means a PID reused by an
-        # unrelated process can never be mistaken for (and signalled as) our postmaster.
-        with contextlib.suppress(OSError):
-            (self.data_dir / "postmaster.pid").unlink()
+        # Everything is dead, so the lock files are stale. Removing them means a PID reused by
+        # an unrelated process can never be mistaken for (and signalled as) our postmaster, and
+        # a restart works even where PID 1 does not reap orphans: PostgreSQL's own stale-lock
+        # check uses kill(pid, 0), which succeeds on the unreaped zombie of the old postmaster.
+        for stale in (
+            self.data_dir / "postmaster.pid",
+            self._socket_dir / f".s.PGSQL.{self._port}.lock",
+            self._socket_dir / f".s.PGSQL.{self._port}",
+        ):
+            with contextlib.suppress(OSError):
+                stale.unlink()
         _LIVE.discard(self)
 
     def destroy(self) -> None:

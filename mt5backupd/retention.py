@@ -77,3 +77,19 @@ def select_remove(items: Sequence[Item], policy: Policy) -> list[str]:
     """Ids to remove, oldest first."""
     keep = select_keep(items, policy)
     return [i.id for i in sorted(items, key=lambda i: (i.created, i.id)) if i.id not in keep]
+
+
+@dataclass(frozen=True)
+class LocalItem:
+    id: str
+    created: datetime
+    pending: bool  # upload not done yet: the only copy, never rotated away
+
+
+def select_rotation(items: Sequence[LocalItem], keep: int) -> list[str]:
+    """Local rotation: keep the newest ``keep`` backups and every pending one; oldest first."""
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    newest_first = sorted(items, key=lambda i: (i.created, i.id), reverse=True)
+    doomed = [i for i in newest_first[keep:] if not i.pending]
+    return [i.id for i in reversed(doomed)]

@@ -19,6 +19,8 @@ from tests.receiver_harness import (
     receiver_config,
 )
 
+pytest_plugins = ["tests.pg_fixtures"]
+
 
 @dataclass
 class Receiver:

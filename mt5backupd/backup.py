@@ -1,0 +1,435 @@
+"""One database backup run: the only module that wires dump, spool, upload and rotation together.
+
+    pg_dump ─pipe─▶ pump thread (zstd) ─▶ SpoolFile (.partial, sha256) ─▶ fsync ─▶ pg_restore --list
+                                              │ follows                     ─▶ rename, .sha256, manifest
+                                              ▼                             ─▶ commit(sha256, size)
+                                        uploader (resumable) ─▶ receiver    ─▶ rotation
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from loguru import logger
+
+from mt5backupd import compress, spool
+from mt5backupd.config import Config, DatabaseConfig, Secret
+from mt5backupd.dump import (
+    check_dump_compatible,
+    libpq_env,
+    pg_dump_argv,
+    run_dump,
+    server_major,
+    tool_version,
+)
+from mt5backupd.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_PENDING,
+    ConfigError,
+    Mt5BackupError,
+)
+from mt5backupd.lock import RunLock
+from mt5backupd.pgrestore import list_archive
+from mt5backupd.retention import LocalItem, select_rotation
+from mt5backupd.secretfiles import check_pgpass, database_password, remote_token
+from mt5backupd.upload import (
+    GrowingSource,
+    ReceiverAuthError,
+    ReceiverClient,
+    ReceiverRejected,
+    ReceiverUnavailable,
+    UploadProgress,
+    commit_with_retries,
+    send_following,
+)
+
+KIND = "database"
+ANOMALY_RATIO = 0.5
+ABORT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class RunObserver:
+    """Hooks for live progress (TTY line, daemon metrics); all optional."""
+
+    on_uploaded_bytes: Callable[[int], None] = field(default=lambda _n: None)
+    on_upload_retry: Callable[[], None] = field(default=lambda: None)
+
+
+@dataclass
+class BackupResult:
+    ok: bool
+    exit_code: int
+    id: str = ""
+    file: Path | None = None
+    size: int = 0
+    raw_bytes: int = 0
+    sha256: str = ""
+    compression: str = ""
+    duration_s: float = 0.0
+    dump_duration_s: float = 0.0
+    upload_state: str = ""
+    upload_retries: int = 0
+    uploaded_bytes: int = 0
+    size_anomaly: bool = False
+    pending_uploaded: int = 0
+    rotated: list[str] = field(default_factory=list)
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "exit_code": self.exit_code, "id": self.id,
+            "file": str(self.file) if self.file else None, "size": self.size,
+            "raw_bytes": self.raw_bytes, "sha256": self.sha256, "compression": self.compression,
+            "duration_s": round(self.duration_s, 3),
+            "dump_duration_s": round(self.dump_duration_s, 3),
+            "upload_state": self.upload_state, "upload_retries": self.upload_retries,
+            "uploaded_bytes": self.uploaded_bytes, "size_anomaly": self.size_anomaly,
+            "pending_uploaded": self.pending_uploaded, "rotated": self.rotated,
+            "error": self.error or None,
+        }
+
+    def summary(self) -> str:
+        if not self.ok:
+            return f"backup FAILED: {self.error}"
+        mb = 1e6
+        rate = self.raw_bytes / mb / self.dump_duration_s if self.dump_duration_s else 0.0
+        lines = [
+            f"backup {self.id}  OK" + ("  (upload PENDING)" if self.upload_state == "pending"
+                                       else ""),
+            f"  file      {self.file}",
+            f"  size      {self.size / mb:.1f} MB ({self.compression}; pg_dump output "
+            f"{self.raw_bytes / mb:.1f} MB)",
+            f"  sha256    {self.sha256}",
+            f"  duration  {self.duration_s:.1f} s (pg_dump {self.dump_duration_s:.1f} s, "
+            f"{rate:.1f} MB/s)",
+            f"  upload    {self.upload_state}"
+            + (f" ({self.upload_retries} retries)" if self.upload_retries else ""),
+        ]
+        if self.size_anomaly:
+            lines.append("  WARNING   size anomaly: less than half of the previous backup")
+        if self.pending_uploaded:
+            lines.append(f"  pending   {self.pending_uploaded} earlier backup(s) uploaded first")
+        if self.rotated:
+            lines.append(f"  rotated   {', '.join(self.rotated)}")
+        return "\n".join(lines)
+
+
+@dataclass
+class ServerInfo:
+    version: str
+    major: int
+
+
+async def db_preflight(cfg: DatabaseConfig, password: Secret | None) -> ServerInfo:
+    """Connect once with asyncpg: proves credentials and reads the server version."""
+    where = f"{cfg.user or 'default user'}@{cfg.host or 'default host'}:{cfg.port or 'default port'}"
+    try:
+        conn = await asyncpg.connect(
+            host=cfg.host, port=cfg.port, user=cfg.user, database=cfg.dbname,
+            password=password.reveal() if password else None, timeout=15,
+        )
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        raise ConfigError(f"[database] authentication failed for {where}: {exc}") from None
+    except asyncpg.InvalidCatalogNameError:
+        raise ConfigError(f"[database] dbname: database {cfg.dbname!r} does not exist on "
+                          f"{where}") from None
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise Mt5BackupError(f"database unreachable ({where}): {exc}") from None
+    try:
+        version = str(await conn.fetchval("SHOW server_version"))
+        num = int(await conn.fetchval("SHOW server_version_num"))
+    finally:
+        await conn.close()
+    return ServerInfo(version.split()[0], server_major(num))
+
+
+def _client(cfg: Config) -> ReceiverClient | None:
+    if not cfg.remote.url:
+        return None
+    token = remote_token(cfg.remote)
+    if token is None:
+        raise ConfigError("[remote] url is set but there is no token: set [remote] token_file "
+                          "(or BACKUP_API_TOKEN)")
+    return ReceiverClient(cfg.remote.url, token, timeout_s=cfg.remote.timeout_s,
+                          ca_file=cfg.remote.ca_file)
+
+
+async def remote_preflight(client: ReceiverClient, on_unavailable: str) -> bool:
+    """True when the receiver is healthy and takes the token; a bad token always fails."""
+    try:
+        await client.health()
+        await client.whoami()
+    except ReceiverAuthError:
+        raise
+    except (ReceiverUnavailable, ReceiverRejected) as exc:
+        if on_unavailable == "abort":
+            raise Mt5BackupError(f"{exc} ([remote] on_unavailable = abort: no backup taken)"
+                                 ) from None
+        logger.warning("{}; taking the backup locally, upload stays pending", exc)
+        return False
+    return True
+
+
+async def upload_one(client: ReceiverClient, cfg: Config, directory: Path,
+                     manifest: spool.Manifest, observer: RunObserver) -> bool:
+    """Upload a finished local backup, resuming its recorded session; update its manifest."""
+    path = directory / manifest.file
+    progress = UploadProgress(uid=manifest.upload.get("session"),
+                              on_retry=observer.on_upload_retry,
+                              on_bytes=observer.on_uploaded_bytes)
+    try:
+        await send_following(client, GrowingSource.complete(path), name=manifest.file,
+                             kind=manifest.kind, metadata=_remote_metadata(manifest),
+                             max_retries=cfg.remote.max_retries,
+                             retry_delay_s=cfg.remote.retry_delay_s, progress=progress)
+        record = await commit_with_retries(client, progress, name=manifest.file,
+                                           sha256=manifest.sha256, size=manifest.size,
+                                           max_retries=cfg.remote.max_retries,
+                                           retry_delay_s=cfg.remote.retry_delay_s)
+    except (ReceiverUnavailable, ReceiverRejected) as exc:
+        manifest.upload = {"state": spool.UPLOAD_PENDING, "session": progress.uid,
+                           "error": str(exc)}
+        spool.save_manifest(directory, manifest)
+        return False
+    manifest.upload = _uploaded(record, progress)
+    spool.save_manifest(directory, manifest)
+    return True
+
+
+def _remote_metadata(manifest: spool.Manifest) -> dict[str, Any]:
+    return {"database": manifest.database, "compression": manifest.compression,
+            "started": manifest.started, "pg_dump_version": manifest.pg_dump_version,
+            "server_version": manifest.server_version}
+
+
+def _uploaded(record: dict[str, Any], progress: UploadProgress) -> dict[str, Any]:
+    return {"state": spool.UPLOAD_UPLOADED, "remote_id": record.get("id"),
+            "uploaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "retries": progress.retries}
+
+
+async def upload_pending(client: ReceiverClient, cfg: Config,
+                         observer: RunObserver | None = None) -> tuple[int, int]:
+    """Upload every pending local backup, oldest first. Returns (uploaded, still pending)."""
+    observer = observer or RunObserver()
+    pending = [m for m in spool.load_manifests(cfg.local.dir) if m.pending]
+    done = 0
+    for manifest in pending:
+        if not (cfg.local.dir / manifest.file).exists():
+            logger.error("pending backup {} has no file any more; skipped", manifest.file)
+            continue
+        logger.info("uploading pending backup {}", manifest.file)
+        if await upload_one(client, cfg, cfg.local.dir, manifest, observer):
+            done += 1
+        else:
+            logger.warning("pending backup {} still not uploaded: {}", manifest.file,
+                           manifest.upload.get("error"))
+            break  # the receiver is not taking uploads; the rest would fail the same way
+    return done, len(pending) - done
+
+
+def rotate(directory: Path, keep: int, kind: str = KIND) -> list[str]:
+    manifests = spool.load_manifests(directory, kind)
+    by_id = {m.id: m for m in manifests}
+    doomed = select_rotation([LocalItem(m.id, m.created, m.pending) for m in manifests], keep)
+    for backup in doomed:
+        spool.remove_backup(directory, by_id[backup])
+        logger.info("rotated out local backup {}", backup)
+    return doomed
+
+
+async def _abort_remote(client: ReceiverClient, progress: UploadProgress) -> None:
+    if progress.uid is None:
+        return
+    try:
+        await asyncio.wait_for(client.abort(progress.uid), ABORT_TIMEOUT_S)
+        logger.info("remote upload {} aborted", progress.uid)
+    except (Mt5BackupError, TimeoutError) as exc:
+        logger.warning("could not abort remote upload {} (it will expire): {}", progress.uid, exc)
+
+
+async def _progress_line(spooled: spool.SpoolFile, progress: UploadProgress) -> None:
+    """A live line on a terminal; silent under systemd."""
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(0.5)
+        elapsed = time.monotonic() - started
+        sys.stderr.write(f"\r  {elapsed:6.1f} s  stored {spooled.size / 1e6:8.1f} MB  "
+                         f"uploaded {progress.sent_bytes / 1e6:8.1f} MB ")
+        sys.stderr.flush()
+
+
+async def run_backup(cfg: Config, observer: RunObserver | None = None, *,
+                     show_progress: bool = False) -> BackupResult:
+    """Take one database backup. Raises Mt5BackupError for failures before any dump (config,
+    lock, preflight); failures after that are reported in the result and cleaned up."""
+    observer = observer or RunObserver()
+    directory = cfg.local.dir
+    directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+    with RunLock(directory):
+        return await _locked_run(cfg, observer, show_progress)
+
+
+async def _locked_run(cfg: Config, observer: RunObserver, show_progress: bool) -> BackupResult:
+    db, directory = cfg.database, cfg.local.dir
+    if spool.clean_partials(directory):
+        logger.warning("removed leftovers of an interrupted run from {}/{}", directory,
+                       spool.PARTIAL_DIR)
+    password = database_password(db)
+    check_pgpass()
+    client = _client(cfg)
+    try:
+        remote_ok = client is not None and await remote_preflight(client,
+                                                                  cfg.remote.on_unavailable)
+        server = await db_preflight(db, password)
+        dump_major, dump_version = await tool_version(db.pg_dump, "pg_dump")
+        check_dump_compatible(dump_major, server.major, db.pg_dump)
+        await tool_version(db.pg_restore, "pg_restore")
+        pending_done = 0
+        if client is not None and remote_ok:
+            pending_done, _left = await upload_pending(client, cfg, observer)
+        result = await _dump_and_ship(cfg, client if remote_ok else None, password, server,
+                                      dump_version, observer, show_progress)
+        result.pending_uploaded = pending_done
+        if client is not None and not remote_ok and result.ok:
+            result.upload_state = spool.UPLOAD_PENDING
+            result.exit_code = EXIT_PENDING
+        return result
+    finally:
+        if client is not None:
+            await client.close()
+
+
+async def _dump_and_ship(cfg: Config, client: ReceiverClient | None, password: Secret | None,
+                         server: ServerInfo, dump_version: str, observer: RunObserver,
+                         show_progress: bool) -> BackupResult:
+    db, directory = cfg.database, cfg.local.dir
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    backup = spool.backup_id(db.dbname, started)
+    file_name = backup + db.compression.suffix
+    previous = spool.load_manifests(directory, KIND)
+    spooled = spool.SpoolFile(directory, file_name)
+    source = GrowingSource(spooled.path, lambda: spooled.size)
+    spooled.on_write = source.notify_threadsafe
+    progress = UploadProgress(on_retry=observer.on_upload_retry,
+                              on_bytes=observer.on_uploaded_bytes)
+    metadata = {"database": db.dbname, "compression": str(db.compression),
+                "started": started.isoformat(), "pg_dump_version": dump_version,
+                "server_version": server.version}
+    upload_task: asyncio.Task[UploadProgress] | None = None
+    if client is not None:
+        upload_task = asyncio.create_task(send_following(
+            client, source, name=file_name, kind=KIND, metadata=metadata,
+            max_retries=cfg.remote.max_retries, retry_delay_s=cfg.remote.retry_delay_s,
+            progress=progress))
+    line_task = asyncio.create_task(_progress_line(spooled, progress)) if show_progress else None
+
+    def pump(read_fd: int, on_read: Callable[[int], None]) -> int:
+        return compress.pump(read_fd, spooled, db.compression, db.compression_threads, on_read)
+
+    logger.info("backup {} started: {} -> {} ({})", backup, db.dbname, file_name, db.compression)
+    try:
+        stats = await run_dump(pg_dump_argv(db), libpq_env(db, password), pump,
+                               stall_timeout_s=db.stall_timeout_s)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, spooled.sync)
+        await list_archive(db.pg_restore, spooled.path)
+    except BaseException as exc:
+        if upload_task is not None:
+            upload_task.cancel()
+            with contextlib.suppress(BaseException):
+                await upload_task
+            assert client is not None
+            await asyncio.shield(_abort_remote(client, progress))
+        spooled.discard()
+        if line_task is not None:
+            line_task.cancel()
+            sys.stderr.write("\n")
+        if isinstance(exc, Mt5BackupError):
+            logger.error("backup {} failed: {}", backup, exc)
+            return BackupResult(ok=False, exit_code=EXIT_FAILURE, id=backup, error=str(exc),
+                                compression=str(db.compression),
+                                duration_s=time.monotonic() - t0)
+        if isinstance(exc, OSError):
+            logger.error("backup {} failed: {}", backup, exc)
+            return BackupResult(ok=False, exit_code=EXIT_FAILURE, id=backup,
+                                error=f"{exc.strerror or exc} ({exc.filename or directory})",
+                                duration_s=time.monotonic() - t0)
+        raise
+    source.close(spooled.size)
+    final = directory / file_name
+    spooled.publish(final)
+    sha256 = spooled.sha256
+    spool.write_sidecar(final, sha256)
+    anomaly = bool(previous and previous[-1].compression == str(db.compression)
+                   and spooled.size < previous[-1].size * ANOMALY_RATIO)
+    manifest = spool.Manifest(
+        id=backup, file=file_name, kind=KIND, database=db.dbname, size=spooled.size,
+        sha256=sha256, compression=str(db.compression), started=started.isoformat(),
+        finished=datetime.now(UTC).isoformat(), duration_s=round(time.monotonic() - t0, 3),
+        dump_duration_s=round(stats.duration_s, 3), raw_bytes=stats.raw_bytes,
+        pg_dump_version=dump_version, server_version=server.version, size_anomaly=anomaly,
+        upload={"state": spool.UPLOAD_PENDING if client or cfg.remote.url
+                else spool.UPLOAD_DISABLED},
+    )
+    spool.save_manifest(directory, manifest)  # from here on the backup exists locally
+    if anomaly:
+        logger.warning("size anomaly: {} is {} bytes, previous {} was {}", backup,
+                       spooled.size, previous[-1].id, previous[-1].size)
+    exit_code = EXIT_OK
+    if upload_task is not None and client is not None:
+        try:
+            await upload_task
+            record = await commit_with_retries(
+                client, progress, name=file_name, sha256=sha256, size=spooled.size,
+                max_retries=cfg.remote.max_retries, retry_delay_s=cfg.remote.retry_delay_s)
+            manifest.upload = _uploaded(record, progress)
+        except (ReceiverUnavailable, ReceiverRejected, ReceiverAuthError) as exc:
+            logger.error("upload of {} failed, kept locally as pending: {}", file_name, exc)
+            manifest.upload = {"state": spool.UPLOAD_PENDING, "session": progress.uid,
+                               "error": str(exc)}
+            exit_code = EXIT_PENDING
+        spool.save_manifest(directory, manifest)
+    elif cfg.remote.url:
+        exit_code = EXIT_PENDING
+    if line_task is not None:
+        line_task.cancel()
+        sys.stderr.write("\n")
+    rotated = rotate(directory, cfg.local.keep)
+    result = BackupResult(
+        ok=True, exit_code=exit_code, id=backup, file=final, size=spooled.size,
+        raw_bytes=stats.raw_bytes, sha256=sha256, compression=str(db.compression),
+        duration_s=time.monotonic() - t0, dump_duration_s=stats.duration_s,
+        upload_state=str(manifest.upload["state"]), upload_retries=progress.retries,
+        uploaded_bytes=progress.sent_bytes, size_anomaly=anomaly, rotated=rotated,
+    )
+    logger.info("backup {} ok: {} bytes sha256 {} in {:.1f} s, upload {}", backup, result.size,
+                sha256[:12], result.duration_s, result.upload_state)
+    return result
+
+
+async def pending_command(cfg: Config) -> tuple[int, int]:
+    """`mt5backupd upload-pending`: under the run lock, so it never races a backup run."""
+    client = _client(cfg)
+    if client is None:
+        raise ConfigError("[remote] url is not set: there is nowhere to upload to")
+    cfg.local.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    with RunLock(cfg.local.dir):
+        try:
+            await client.health()
+            await client.whoami()
+            return await upload_pending(client, cfg)
+        finally:
+            await client.close()

@@ -1,0 +1,220 @@
+"""pg_dump as a supervised subprocess whose stdout is pumped (in a thread) into a sink.
+
+The pump never waits on the network: its sink is the local spool file. pg_dump runs in its own
+process group so that a stall, a failure of ours or a shutdown stops it (and nothing it spawned)
+in order. stderr is drained concurrently, logged and kept for the error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fcntl
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from loguru import logger
+
+from mt5backupd.config import DatabaseConfig, Secret
+from mt5backupd.errors import ConfigError, Mt5BackupError
+
+PIPE_BYTES = 1024 * 1024
+TERM_GRACE_S = 5.0
+_VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
+
+
+class DumpFailed(Mt5BackupError):
+    """pg_dump did not finish cleanly; nothing it wrote may be presented as a backup."""
+
+
+def parse_tool_version(text: str) -> tuple[int, str]:
+    """``pg_dump (PostgreSQL) 15.18 (Debian ...)`` -> (15, "15.18")."""
+    match = _VERSION_RE.search(text)
+    if not match:
+        raise ValueError(f"unrecognised version output: {text.strip()[:80]!r}")
+    major = int(match.group(1))
+    minor = match.group(2)
+    return major, f"{major}.{minor}" if minor is not None else str(major)
+
+
+def server_major(version_num: int) -> int:
+    """``server_version_num`` (150018) -> 15; 9.6's 90624 -> 9."""
+    return version_num // 10000
+
+
+async def tool_version(binary: str, key: str) -> tuple[int, str]:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            binary, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except FileNotFoundError:
+        raise ConfigError(f"[database] {key}: {binary!r} not found (install the PostgreSQL "
+                          "client matching the server, or set its path)") from None
+    except PermissionError:
+        raise ConfigError(f"[database] {key}: {binary!r} is not executable") from None
+    out, _err = await proc.communicate()
+    try:
+        return parse_tool_version(out.decode(errors="replace"))
+    except ValueError as exc:
+        raise ConfigError(f"[database] {key}: {binary!r}: {exc}") from None
+
+
+def check_dump_compatible(dump_major: int, server_major_version: int, binary: str) -> None:
+    if dump_major < server_major_version:
+        raise ConfigError(
+            f"[database] pg_dump: {binary} is version {dump_major} but the server is "
+            f"{server_major_version}; pg_dump must be at least the server's major version"
+        )
+
+
+def libpq_env(cfg: DatabaseConfig, password: Secret | None,
+              base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for libpq tools: config wins over inherited PG* variables; the password goes
+    here (PGPASSWORD), never on argv where `ps` shows it."""
+    env = dict(os.environ if base is None else base)
+    if cfg.host:
+        env["PGHOST"] = cfg.host
+    if cfg.port:
+        env["PGPORT"] = str(cfg.port)
+    if cfg.user:
+        env["PGUSER"] = cfg.user
+    env["PGDATABASE"] = cfg.dbname
+    env.setdefault("PGAPPNAME", "mt5backupd")
+    if password is not None:
+        env["PGPASSWORD"] = password.reveal()
+    return env
+
+
+def pg_dump_argv(cfg: DatabaseConfig, snapshot: str | None = None) -> list[str]:
+    level = cfg.compression.level if cfg.compression.kind == "gzip" else 0
+    argv = [cfg.pg_dump, "--format=custom", f"--compress={level}", "--no-password",
+            f"--dbname={cfg.dbname}"]
+    if snapshot:
+        argv.append(f"--snapshot={snapshot}")
+    return argv
+
+
+@dataclass
+class DumpStats:
+    raw_bytes: int = 0
+    duration_s: float = 0.0
+    returncode: int | None = None
+    stderr_tail: list[str] = field(default_factory=list)
+
+
+def _set_pipe_size(fd: int) -> None:
+    # A 1 MiB pipe lets pg_dump write ahead while the pump is busy, in whole-chunk reads.
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+
+async def _stop_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the process group, then SIGKILL after a grace period."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), TERM_GRACE_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+async def run_dump(
+    argv: list[str],
+    env: Mapping[str, str],
+    pump: Callable[[int, Callable[[int], None]], int],
+    *,
+    stall_timeout_s: float,
+    stats: DumpStats | None = None,
+) -> DumpStats:
+    """Run pg_dump with stdout into ``pump(read_fd, on_read)`` (called in a worker thread).
+
+    Raises DumpFailed on a non-zero exit, a signal or a stall; re-raises whatever the pump
+    raised (disk full, ...) after stopping pg_dump. Either way pg_dump is gone on return.
+    """
+    stats = stats or DumpStats()
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    last_activity = [started]
+
+    def on_read(_n: int) -> None:
+        last_activity[0] = time.monotonic()
+
+    read_fd, write_fd = os.pipe()
+    _set_pipe_size(write_fd)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd,
+            stderr=asyncio.subprocess.PIPE, env=dict(env), start_new_session=True,
+        )
+    except FileNotFoundError:
+        os.close(read_fd)
+        raise ConfigError(f"[database] pg_dump: {argv[0]!r} not found") from None
+    finally:
+        os.close(write_fd)  # only pg_dump holds the write end now: its exit is our EOF
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+
+    async def drain_stderr() -> None:
+        assert proc.stderr is not None
+        async for raw_line in proc.stderr:
+            line = raw_line.decode(errors="replace").rstrip()
+            if line:
+                tail.append(line)
+                logger.warning("pg_dump: {}", line)
+
+    stalled = False
+
+    async def watchdog() -> None:
+        nonlocal stalled
+        interval_s = min(1.0, stall_timeout_s / 4)
+        while proc.returncode is None:
+            await asyncio.sleep(interval_s)
+            if time.monotonic() - last_activity[0] > stall_timeout_s:
+                stalled = True
+                logger.error("pg_dump produced no output for {:.0f} s; stopping it",
+                             stall_timeout_s)
+                await _stop_group(proc)
+                return
+
+    stderr_task = asyncio.create_task(drain_stderr())
+    watch_task = asyncio.create_task(watchdog())
+    pump_future = loop.run_in_executor(None, pump, read_fd, on_read)
+    try:
+        try:
+            stats.raw_bytes = await asyncio.shield(pump_future)
+        except BaseException:
+            await _stop_group(proc)  # unblocks the pump (EOF), whatever went wrong
+            with contextlib.suppress(BaseException):
+                await pump_future
+            raise
+        stats.returncode = await proc.wait()
+        await stderr_task
+    finally:
+        watch_task.cancel()
+        if proc.returncode is None:
+            await _stop_group(proc)
+        if not stderr_task.done():
+            stderr_task.cancel()
+        with contextlib.suppress(BaseException):
+            await stderr_task
+        os.close(read_fd)
+        stats.duration_s = time.monotonic() - started
+        stats.stderr_tail = list(tail)
+    if stalled:
+        raise DumpFailed(f"pg_dump produced no output for {stall_timeout_s:.0f} s "
+                         "([database] stall_timeout_s) and was killed")
+    if stats.returncode != 0:
+        reason = tail[-1] if tail else "no message"
+        if stats.returncode is not None and stats.returncode < 0:
+            how = f"was killed by signal {-stats.returncode}"
+        else:
+            how = f"exited with status {stats.returncode}"
+        raise DumpFailed(f"pg_dump {how}: {reason}")
+    return stats

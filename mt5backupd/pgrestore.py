@@ -1,0 +1,76 @@
+"""pg_restore over any of our archive formats (zstd is decoded in a thread into its stdin)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mt5backupd.compress import decompress_file_to_fd, is_zstd_file
+from mt5backupd.errors import ConfigError, VerifyError
+
+
+async def run_pg_restore(
+    pg_restore: str,
+    archive: Path,
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+) -> tuple[int, str, str]:
+    """Run ``pg_restore ARGS`` on ``archive``; return (returncode, stdout, stderr).
+
+    Plain custom-format files are passed by name (pg_restore can seek); zstd archives are streamed
+    through a pipe, so nothing decompressed ever touches the disk.
+    """
+    streamed = is_zstd_file(archive)
+    argv = [pg_restore, *args] + ([] if streamed else [str(archive)])
+    read_fd = write_fd = -1
+    if streamed:
+        read_fd, write_fd = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=read_fd if streamed else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+        )
+    except FileNotFoundError:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+        raise ConfigError(f"[database] pg_restore: {pg_restore!r} not found") from None
+    feeder: asyncio.Future[int] | None = None
+    if streamed:
+        os.close(read_fd)
+
+        def feed() -> int:
+            try:
+                return decompress_file_to_fd(archive, write_fd)
+            except BrokenPipeError:
+                return -1  # pg_restore stopped reading; its exit status tells why
+            finally:
+                os.close(write_fd)
+
+        feeder = asyncio.get_running_loop().run_in_executor(None, feed)
+    try:
+        out, err = await proc.communicate()
+    finally:
+        if feeder is not None:
+            with contextlib.suppress(Exception):
+                await feeder
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def list_archive(pg_restore: str, archive: Path) -> list[str]:
+    """The archive's table of contents; VerifyError when pg_restore cannot read it whole."""
+    rc, out, err = await run_pg_restore(pg_restore, archive, ["--list"])
+    if rc != 0:
+        last = err.strip().splitlines()[-1] if err.strip() else f"exit status {rc}"
+        raise VerifyError(f"pg_restore --list cannot read {archive.name}: {last}")
+    entries = [line for line in out.splitlines() if line and not line.startswith(";")]
+    if not entries:
+        raise VerifyError(f"pg_restore --list found no entries in {archive.name}")
+    return entries

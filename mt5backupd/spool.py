@@ -1,0 +1,189 @@
+"""Local backup files: the growing spool file, atomic publication, sidecar, manifest, rotation.
+
+Nothing incomplete carries a final name: bytes go to ``<dir>/.partial/<file>`` and reach
+``<dir>/<file>`` by one rename after pg_dump succeeded, the file was fsynced and pg_restore read it.
+The manifest ``<dir>/<id>.json`` is written last, so a backup "exists" exactly when its manifest
+does; listing, rotation and upload-pending all go by manifests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mt5backupd.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, is_disk_full
+from mt5backupd.errors import Mt5BackupError
+
+PARTIAL_DIR = ".partial"
+MANIFEST_SUFFIX = ".json"
+SIDECAR_SUFFIX = ".sha256"
+
+UPLOAD_UPLOADED = "uploaded"
+UPLOAD_PENDING = "pending"
+UPLOAD_DISABLED = "disabled"  # no [remote] configured
+
+
+class LocalDiskFull(Mt5BackupError):
+    pass
+
+
+def backup_id(prefix: str, when: datetime) -> str:
+    """``mt5_trading-20261125-030000`` (UTC, so DST never makes two runs share a name)."""
+    return f"{prefix}-{when.astimezone(UTC):%Y%m%d-%H%M%S}"
+
+
+class SpoolFile:
+    """The file being written. ``write`` runs in the pump thread; everyone else reads ``size``."""
+
+    def __init__(self, directory: Path, file_name: str,
+                 on_write: Callable[[], None] | None = None) -> None:
+        partial = directory / PARTIAL_DIR
+        partial.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = partial / file_name
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._hasher = hashlib.sha256()
+        self.on_write = on_write  # called in the writer thread after each write
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise LocalDiskFull(f"local disk full writing {self.path}") from None
+            raise
+        self._hasher.update(data)
+        self.size += len(data)
+        if self.on_write is not None:
+            self.on_write()
+        return len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hasher.hexdigest()
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise LocalDiskFull(f"local disk full syncing {self.path}") from None
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def publish(self, final_path: Path) -> None:
+        """Rename into place (after sync + verification) and make the rename durable."""
+        self.close()
+        os.rename(self.path, final_path)
+        fsync_dir(final_path.parent)
+        self.path = final_path
+
+
+@dataclass
+class Manifest:
+    id: str
+    file: str
+    kind: str
+    database: str
+    size: int
+    sha256: str
+    compression: str
+    started: str
+    finished: str
+    duration_s: float
+    dump_duration_s: float
+    raw_bytes: int
+    pg_dump_version: str = ""
+    server_version: str = ""
+    size_anomaly: bool = False
+    upload: dict[str, Any] = field(default_factory=lambda: {"state": UPLOAD_PENDING})
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def created(self) -> datetime:
+        return datetime.fromisoformat(self.started)
+
+    @property
+    def pending(self) -> bool:
+        return self.upload.get("state") == UPLOAD_PENDING
+
+    def to_json(self) -> dict[str, Any]:
+        return {"manifest_version": 1, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def manifest_path(directory: Path, backup: str) -> Path:
+    return directory / f"{backup}{MANIFEST_SUFFIX}"
+
+
+def write_sidecar(final_path: Path, sha256: str) -> Path:
+    """``<sha256>  <file>`` next to the file: ``sha256sum -c`` accepts it as is."""
+    sidecar = final_path.with_name(final_path.name + SIDECAR_SUFFIX)
+    atomic_write_bytes(sidecar, f"{sha256}  {final_path.name}\n".encode(), mode=0o640)
+    return sidecar
+
+
+def save_manifest(directory: Path, manifest: Manifest) -> None:
+    atomic_write_json(manifest_path(directory, manifest.id), manifest.to_json(), mode=0o640)
+
+
+def load_manifests(directory: Path, kind: str | None = None) -> list[Manifest]:
+    """Every complete backup in ``directory``, oldest first."""
+    found: list[Manifest] = []
+    if not directory.is_dir():
+        return found
+    for path in directory.glob(f"*{MANIFEST_SUFFIX}"):
+        if path.name.startswith("."):
+            continue
+        try:
+            manifest = Manifest.from_json(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError):
+            continue  # not one of ours
+        if kind is None or manifest.kind == kind:
+            found.append(manifest)
+    return sorted(found, key=lambda m: (m.started, m.id))
+
+
+def remove_backup(directory: Path, manifest: Manifest) -> None:
+    """Data and sidecar first, manifest last: a crash midway leaves a visible, not a hidden, loss."""
+    data = directory / manifest.file
+    for path in (data.with_name(data.name + SIDECAR_SUFFIX), data):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        manifest_path(directory, manifest.id).unlink()
+    fsync_dir(directory)
+
+
+def clean_partials(directory: Path) -> int:
+    """Remove leftovers of runs that died (the lock guarantees none is running)."""
+    partial = directory / PARTIAL_DIR
+    removed = 0
+    if partial.is_dir():
+        for leftover in partial.iterdir():
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                leftover.unlink()
+                removed += 1
+    return removed

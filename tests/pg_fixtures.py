@@ -1,0 +1,36 @@
+"""Real-PostgreSQL fixtures: one throwaway cluster per test session, one fresh database per test.
+
+Load with ``pytest_plugins = ["tests.pg_fixtures"]`` (root conftest or a test module) so every
+test module shares the same fixture definitions and therefore the same session cluster.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from mt5backupd.pgcluster import PgCluster
+from mt5backupd.sampledata import generate
+
+SAMPLE_DB_BYTES = 2 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
+    """A started PostgreSQL cluster shared by the whole session; stopped and deleted at the end."""
+    with PgCluster.create(tmp_path_factory.mktemp("pg")) as pg:
+        yield pg
+
+
+@pytest.fixture
+async def sample_db(pg_cluster: PgCluster) -> AsyncIterator[str]:
+    """Name of a fresh database holding ~2 MB of MT5 sample data; dropped after the test."""
+    name = f"mt5_{secrets.token_hex(6)}"
+    pg_cluster.create_database(name)
+    try:
+        await generate(pg_cluster.dsn(name), target_bytes=SAMPLE_DB_BYTES)
+        yield name
+    finally:
+        pg_cluster.drop_database(name)
