@@ -1,27 +1,31 @@
 """Receiver benchmark: ingest throughput over loopback against the raw disk, and receiver memory.
 
-Run it (from the repository root)::
+Run it from the repository root (``make bench-receiver`` does the same)::
 
-    .venv/bin/python bench/receiver.py                    # 1 GiB and 4 GiB uploads
-    .venv/bin/python bench/receiver.py --size-gib 1 --sender socket
+    .venv/bin/python bench/receiver.py                    # 1 GiB and 4 GiB uploads, 3 runs each
+    .venv/bin/python bench/receiver.py --size-gib 1 --sender socket --repeat 1
 
-What it measures, in one run:
+What one run measures:
 
-1. **Disk baseline** on the filesystem that holds the receiver's ``data_dir``: write
-   ``--baseline-gib`` in 1 MiB blocks from pre-generated random data, then fsync (plain), and the
-   same with ``sha256.update`` before each write (hashed, what a single-threaded receiver does).
-2. **Loopback ceiling**: each sender pushes the body into a discard sink (a tiny HTTP server in a
+1. **Disk baseline** on the filesystem that holds the receiver's ``data_dir``: write each size in
+   1 MiB blocks from pre-generated random data, then fsync ("plain"); and the same with
+   ``sha256.update`` of each block before its write ("hashed": what a receiver that hashes and
+   writes in one thread can reach at best). Plus one "cold" plain write after a few idle seconds.
+2. **Loopback ceiling**: each sender pushes a body into a discard sink (a tiny HTTP server in a
    child process that only ``recv_into``s), to show how fast the client side alone can go.
-3. **Receiver ingest**: the real ``mt5backupd receiver`` as a subprocess; one resumable upload
-   (create, ONE streamed PATCH, commit) per size and sender, timed from the first byte of the
-   PATCH to the commit response. The body is a random 4 MiB block repeated, its sha256 computed
-   before the clock starts.
-4. **Receiver memory**: idle VmRSS before each upload, VmRSS sampled every 50 ms during it, and
-   VmHWM (peak, reset through /proc/PID/clear_refs before each upload) after it; plus the CPU
-   seconds the receiver's event-loop thread and its worker threads spent.
+3. **Receiver ingest**: the real ``mt5backupd receiver`` as a subprocess; resumable uploads
+   (create, ONE streamed PATCH, commit), timed from the first byte of the PATCH to the commit
+   response. The body is a random 4 MiB block repeated; its sha256 is computed before the clock
+   starts. Two senders: aiohttp's client (async-generator body) and a raw socket (``sendall``).
+4. **Receiver memory and CPU**: idle VmRSS before each upload, VmRSS sampled every 50 ms during
+   it, and VmHWM (the kernel's peak, reset via /proc/PID/clear_refs just before the upload)
+   after it; CPU seconds of the receiver's event-loop thread and of its other threads, its minor
+   page faults, and the CPU that other processes on the machine used meanwhile (interference).
 
-Everything lives in one temp dir (``--dir``, default /var/tmp) which is removed at the end with
-the receiver killed, unless ``--keep``. 1 MB = 10^6 bytes; 1 GiB = 2^30 bytes.
+Each timed step is repeated ``--repeat`` times; the median is reported with the range. Before each
+timed step the page cache is filled and dropped once, untimed (see ``prewarm``). Everything lives
+in one temp dir (``--dir``, default /var/tmp), removed at the end with the receiver stopped,
+unless ``--keep``. 1 MB = 10^6 bytes; 1 GiB = 2^30 bytes.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ DISK_BLOCK_BYTES = 1 * MiB  # the baseline's write size
 BODY_BLOCK_BYTES = 4 * MiB  # the client repeats one random block of this size
 RANDOM_POOL_BYTES = 64 * MiB  # the baseline cycles through this much random data
 SAMPLE_INTERVAL_S = 0.05
-FREE_MARGIN_BYTES = 2 * GiB  # never fill the disk: skip a run that would leave less than this
+FREE_MARGIN_BYTES = 2 * GiB  # never fill the disk: skip a step that would leave less than this
 RSS_TARGET_BYTES = 100 * MB
 RATIO_TARGET = 0.7
 SENDERS = ("aiohttp", "socket")
@@ -79,23 +83,22 @@ def fmt_bytes(n: int) -> str:
     if n >= GiB and n % GiB == 0:
         return f"{n // GiB} GiB"
     if n >= MiB:
-        return f"{n / MiB:.1f} MiB"
+        return f"{n / MiB:.0f} MiB"
     return f"{n / KiB:.0f} KiB"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float]) -> str:
+    """'min-max' of rates, or '' for a single run."""
+    return f"{min(values):.0f}-{max(values):.0f}" if len(values) > 1 else ""
 
 
 def write_all(fd: int, data: memoryview) -> None:
     while data:
         data = data[os.write(fd, data) :]
-
-
-def repeated_sha256(block: bytes, total: int) -> tuple[str, float]:
-    """sha256 of ``block`` repeated up to ``total`` bytes, and how long hashing took."""
-    h = hashlib.sha256()
-    view = memoryview(block)
-    t0 = time.perf_counter()
-    for chunk in body_chunks(view, total):
-        h.update(chunk)
-    return h.hexdigest(), time.perf_counter() - t0
 
 
 def body_chunks(view: memoryview, total: int) -> Iterator[memoryview]:
@@ -106,7 +109,32 @@ def body_chunks(view: memoryview, total: int) -> Iterator[memoryview]:
         remaining -= n
 
 
+def repeated_sha256(block: bytes, total: int) -> tuple[str, float]:
+    """sha256 of ``block`` repeated up to ``total`` bytes, and how long hashing took."""
+    h = hashlib.sha256()
+    t0 = time.perf_counter()
+    for chunk in body_chunks(memoryview(block), total):
+        h.update(chunk)
+    return h.hexdigest(), time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------- machine description
+
+
+def free_page_reporting() -> bool:
+    """True in a VM whose balloon reports freed pages to the host (VIRTIO_BALLOON_F_REPORTING).
+
+    There, memory left free for a couple of seconds loses its host backing, and the next
+    page-cache fill pays a host page fault per page: writes then run at a fraction of their
+    warm speed, whoever does them.
+    """
+    for dev in Path("/sys/bus/virtio/devices").glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            if int((dev / "device").read_text(), 16) == 5:  # balloon
+                features = (dev / "features").read_text().strip()
+                if len(features) > 5 and features[5] == "1":
+                    return True
+    return False
 
 
 def machine_info(path: Path) -> dict[str, str]:
@@ -122,9 +150,8 @@ def machine_info(path: Path) -> dict[str, str]:
             if line.startswith("MemTotal:"):
                 mem = f"{int(line.split()[1]) * KiB / GiB:.1f} GiB"
                 break
-    fstype = "unknown"
-    source = "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
+    fstype = source = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError, ValueError):
         out = subprocess.run(["df", "--output=fstype,source", str(path)], capture_output=True,
                              text=True, check=True, timeout=10).stdout.splitlines()
         fstype, source = out[1].split()[:2]
@@ -145,21 +172,6 @@ def machine_info(path: Path) -> dict[str, str]:
     }
 
 
-def free_page_reporting() -> bool:
-    """True in a VM whose balloon reports freed guest pages to the host (VIRTIO_BALLOON_F_REPORTING).
-
-    There, memory freed for a couple of seconds loses its host backing, and the next page-cache
-    fill pays a host page fault per page: writes then run at a fraction of their warm speed.
-    """
-    for dev in Path("/sys/bus/virtio/devices").glob("*"):
-        with contextlib.suppress(OSError):
-            if int((dev / "device").read_text(), 16) == 5:  # balloon
-                features = (dev / "features").read_text().strip()
-                if len(features) > 5 and features[5] == "1":
-                    return True
-    return False
-
-
 # ---------------------------------------------------------------- 1. disk baseline
 
 
@@ -167,18 +179,14 @@ def free_page_reporting() -> bool:
 class DiskResult:
     label: str
     size: int
-    write_s: float  # the write() calls (page cache)
+    write_s: float  # the write() calls (into the page cache)
     fsync_s: float
     hashed: bool = False
     cold: bool = False
 
     @property
-    def total_s(self) -> float:
-        return self.write_s + self.fsync_s
-
-    @property
     def rate(self) -> float:
-        return mb_s(self.size, self.total_s)
+        return mb_s(self.size, self.write_s + self.fsync_s)
 
 
 def _fill(path: Path, total: int, pool: bytes, hasher: Any = None,
@@ -212,10 +220,10 @@ def _fill(path: Path, total: int, pool: bytes, hasher: Any = None,
 def prewarm(directory: Path, total: int, pool: bytes) -> None:
     """Fill and drop ``total`` bytes of page cache, untimed, right before a measurement.
 
-    With free-page reporting (see free_page_reporting) this gives the next measurement pages
-    that are backed by the host again, so the baseline and the receiver run in the same memory
-    state and the comparison is of software, not of host page faults. No fsync: the dirty pages
-    are dropped with the file.
+    With free-page reporting (see free_page_reporting) this hands the next measurement pages the
+    host backs again, so the baseline and the receiver run in the same memory state and the
+    comparison is of software, not of host page faults. No fsync: the dirty pages are dropped
+    with the file.
     """
     _fill(directory / "prewarm.bin", total, pool, sync=False)
 
@@ -254,16 +262,32 @@ def reset_peak_rss(pid: int) -> bool:
     return st["VmHWM"] <= st["VmRSS"] + 4 * MiB
 
 
+def _stat_fields(path: Path) -> list[str]:
+    stat = path.read_text()
+    return stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
+
+
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) per thread id of ``pid``."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[int, float] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (task / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
+            fields = _stat_fields(task / "stat")
             out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
     return out
+
+
+def minor_faults(pid: int) -> int:
+    return int(_stat_fields(Path(f"/proc/{pid}/stat"))[7])
+
+
+def system_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 @dataclass
@@ -336,8 +360,8 @@ def send_socket(host: str, port: int, method: str, path: str, headers: dict[str,
             pass  # the server answered early (an error); read what it said
         data = bytearray()
         with contextlib.suppress(ConnectionResetError):
-            while chunk_in := sock.recv(64 * KiB):
-                data += chunk_in
+            while received := sock.recv(64 * KiB):
+                data += received
     head, _, body = bytes(data).partition(b"\r\n\r\n")
     if not head:
         raise RuntimeError(f"{method} {path}: connection closed without a response")
@@ -420,8 +444,7 @@ def sink_process() -> Iterator[int]:
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        yield port
+        yield int(proc.stdout.readline())
     finally:
         stop_process(proc)
 
@@ -448,6 +471,8 @@ def free_port() -> int:
 
 @dataclass
 class Receiver:
+    """``mt5backupd receiver`` as a subprocess on a loopback port, with one admin token."""
+
     workdir: Path
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
@@ -466,6 +491,10 @@ class Receiver:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
     def start(self, timeout_s: float = 30.0) -> None:
         tokens_file = self.workdir / "tokens.json"
@@ -521,24 +550,22 @@ class Receiver:
         parsed: dict[str, Any] = json.loads(raw) if raw.strip() else {}
         return status, parsed
 
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
 
 @dataclass
 class UploadResult:
     size: int
     sender: str
     endpoint: str
-    patch_s: float  # first byte of the body request to its response
-    total_s: float  # first byte to the commit response
+    body_s: float  # first byte of the body request -> its response
+    total_s: float  # first byte -> the commit response
     idle_rss: int
     peak_rss_sampled: int
     peak_rss_hwm: int | None  # None: VmHWM could not be reset, see peak_rss_sampled
-    samples: int
     cpu: CpuSplit
     client_cpu_s: float
+    faults: int  # receiver minor page faults during the upload
+    other_cpu_s: float  # CPU used by everything else on the machine meanwhile
+    steal_s: float
 
     @property
     def rate(self) -> float:
@@ -550,31 +577,34 @@ class UploadResult:
 
 
 def upload(rx: Receiver, size: int, sender: str, block: bytes, sha256: str, seq: int,
-           *, legacy: bool, keep: bool) -> UploadResult:
+           *, legacy: bool, keep: bool, warm_pool: bytes | None) -> UploadResult:
     name = f"bench-{'legacy' if legacy else 'v1'}-{sender}-{size // MiB}m-{seq}"
     send = SENDER_FUNCS[sender]
+    uid = ""
     if not legacy:
         status, created = rx.call("POST", "/api/v1/uploads", {"name": name, "size": size})
         if status != 201:
             raise RuntimeError(f"create upload: HTTP {status} {created}")
         uid = created["upload_id"]
+    if warm_pool is not None:
+        prewarm(rx.workdir, size, warm_pool)
     hwm_reset = reset_peak_rss(rx.pid)
     time.sleep(0.2)
     idle = proc_status(rx.pid)["VmRSS"]
-    cpu0 = thread_cpu(rx.pid)
+    cpu0, faults0, sys0 = thread_cpu(rx.pid), minor_faults(rx.pid), system_cpu()
     client0 = time.process_time()
     with RssSampler(rx.pid) as sampler:
         t0 = time.perf_counter()
         if legacy:
             resp = send(rx.host, rx.port, "POST", f"/api/backup/upload?name={name}",
                         {**rx.auth, "X-Content-SHA256": sha256}, block, size)
-            t_patch = time.perf_counter()
+            t_body = time.perf_counter()
             if resp.status != 200:
                 raise RuntimeError(f"legacy upload: HTTP {resp.status} {resp.body[:500]!r}")
         else:
             resp = send(rx.host, rx.port, "PATCH", f"/api/v1/uploads/{uid}",
                         {**rx.auth, "Upload-Offset": "0"}, block, size)
-            t_patch = time.perf_counter()
+            t_body = time.perf_counter()
             if resp.status != 204 or resp.headers.get("upload-offset") != str(size):
                 raise RuntimeError(f"PATCH: HTTP {resp.status} {resp.headers} "
                                    f"{resp.body[:500]!r}")
@@ -585,69 +615,140 @@ def upload(rx: Receiver, size: int, sender: str, block: bytes, sha256: str, seq:
         t1 = time.perf_counter()
     client_cpu = time.process_time() - client0
     cpu = CpuSplit.between(rx.pid, cpu0, thread_cpu(rx.pid))
+    faults = minor_faults(rx.pid) - faults0
+    busy1, steal1 = system_cpu()
+    other = (busy1 - sys0[0]) - cpu.loop_s - cpu.workers_s - client_cpu
     hwm = proc_status(rx.pid)["VmHWM"] if hwm_reset else None
     if not keep:
         status, deleted = rx.call("DELETE", f"/api/backup/{name}")
         if status != 200:
             raise RuntimeError(f"delete: HTTP {status} {deleted}")
     return UploadResult(size, sender, "legacy POST" if legacy else "v1 PATCH+commit",
-                        t_patch - t0, t1 - t0, idle, sampler.peak, hwm, sampler.samples, cpu,
-                        client_cpu)
+                        t_body - t0, t1 - t0, idle, sampler.peak, hwm, cpu, client_cpu, faults,
+                        max(0.0, other), steal1 - sys0[1])
 
 
 # ---------------------------------------------------------------- reporting
 
 
 @dataclass
+class UploadGroup:
+    """The repeated runs of one (endpoint, sender, size)."""
+
+    runs: list[UploadResult]
+
+    @property
+    def first(self) -> UploadResult:
+        return self.runs[0]
+
+    @property
+    def rates(self) -> list[float]:
+        return [r.rate for r in self.runs]
+
+    @property
+    def rate(self) -> float:
+        return median(self.rates)
+
+    def med(self, fn: Callable[[UploadResult], float]) -> float:
+        return median([fn(r) for r in self.runs])
+
+    @property
+    def idle_rss(self) -> int:
+        return max(r.idle_rss for r in self.runs)
+
+    @property
+    def peak_rss(self) -> int:
+        return max(r.peak_rss for r in self.runs)
+
+
+@dataclass
 class Report:
     machine: dict[str, str]
+    repeat: int = 1
+    prewarmed: bool = True
     disk: list[DiskResult] = field(default_factory=list)
     sha_rate: float = 0.0
-    ceilings: dict[str, float] = field(default_factory=dict)
+    ceilings: dict[str, list[float]] = field(default_factory=dict)
     uploads: list[UploadResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
-    @property
-    def disk_rate(self) -> float:
-        plain = [d.rate for d in self.disk if "sha256" not in d.label]
-        return statistics.median(plain) if plain else 0.0
+    def disk_groups(self) -> dict[tuple[str, int], list[DiskResult]]:
+        groups: dict[tuple[str, int], list[DiskResult]] = {}
+        for d in self.disk:
+            groups.setdefault((d.label, d.size), []).append(d)
+        return groups
+
+    def upload_groups(self) -> list[UploadGroup]:
+        groups: dict[tuple[str, str, int], list[UploadResult]] = {}
+        for u in self.uploads:
+            groups.setdefault((u.endpoint, u.sender, u.size), []).append(u)
+        return [UploadGroup(runs) for runs in groups.values()]
+
+    def disk_rate(self, size: int) -> float:
+        """Median plain (warm) disk rate of the measured size closest to ``size``."""
+        plain = [d for d in self.disk if not d.hashed and not d.cold]
+        if not plain:
+            return float("nan")
+        closest = min(plain, key=lambda d: abs(d.size - size)).size
+        return median([d.rate for d in plain if d.size == closest])
 
     def table(self) -> str:
         out = ["", "== machine =="]
-        out += [f"  {k:<11} {v}" for k, v in self.machine.items()]
-        out += ["", "== disk baseline (same filesystem as data_dir) =="]
-        for d in self.disk:
-            out.append(f"  {d.label:<30} {fmt_bytes(d.size):>7}  {d.rate:8.1f} MB/s  "
-                       f"(write() {d.write_s:6.2f} s = {mb_s(d.size, d.write_s):7.1f} MB/s, "
-                       f"fsync {d.fsync_s:5.2f} s)")
-        out.append(f"  {'sha256 alone (in memory)':<30} {'':>7}  {self.sha_rate:8.1f} MB/s")
+        out += [f"  {k:<15} {v}" for k, v in self.machine.items()]
+        how = (f"median of {self.repeat} (min-max); "
+               + ("page cache prewarmed before each timed step" if self.prewarmed
+                  else "no prewarming"))
+        out += ["", f"== disk baseline, same filesystem as data_dir ({how}) =="]
+        for (label, size), runs in self.disk_groups().items():
+            rates = [d.rate for d in runs]
+            write_s = median([d.write_s for d in runs])
+            fsync_s = median([d.fsync_s for d in runs])
+            out.append(f"  {label:<37} {fmt_bytes(size):>7} {median(rates):8.1f} MB/s "
+                       f"{spread(rates):>11}  (write() {mb_s(size, write_s):6.0f} MB/s, "
+                       f"fsync {fsync_s:5.2f} s)")
+        out.append(f"  {'sha256 alone (in memory)':<37} {'':>7} {self.sha_rate:8.1f} MB/s")
         if self.ceilings:
-            out += ["", "== loopback ceiling: sender -> discard sink (no receiver) =="]
-            out += [f"  {s:<30} {'':>7}  {r:8.1f} MB/s" for s, r in self.ceilings.items()]
-        out += ["", "== receiver ingest (first PATCH byte -> commit response) =="]
-        out.append(f"  {'size':>7} {'sender':<8} {'endpoint':<16} {'MB/s':>8} {'ratio':>6} "
-                   f"{'body s':>7} {'total s':>7} {'idle RSS':>9} {'peak RSS':>9} "
-                   f"{'VmHWM':>9} {'rx loop':>8} {'rx work':>8} {'client':>7}")
-        for u in self.uploads:
-            hwm = f"{u.peak_rss_hwm / MB:7.1f}MB" if u.peak_rss_hwm is not None else "n/a"
+            out += ["", "== loopback ceiling: sender -> discard sink process, no receiver =="]
+            out += [f"  {s:<37} {'':>7} {median(r):8.1f} MB/s {spread(r):>11}"
+                    for s, r in self.ceilings.items()]
+        out += ["", "== receiver ingest: first PATCH byte -> commit response =="]
+        out.append(f"  {'size':>5} {'sender':<7} {'endpoint':<15} {'MB/s':>6} {'min-max':>9} "
+                   f"{'ratio':>5} {'RSS idle':>8} {'peak':>6} {'rx loop':>7} {'rx work':>7} "
+                   f"{'client':>6} {'faults':>7} {'other':>6} {'steal':>5}")
+        for g in self.upload_groups():
+            u = g.first
             out.append(
-                f"  {fmt_bytes(u.size):>7} {u.sender:<8} {u.endpoint:<16} {u.rate:8.1f} "
-                f"{u.rate / self.disk_rate:6.2f} {u.patch_s:7.2f} {u.total_s:7.2f} "
-                f"{u.idle_rss / MB:7.1f}MB {u.peak_rss_sampled / MB:7.1f}MB {hwm:>9} "
-                f"{u.cpu.loop_s:7.2f}s {u.cpu.workers_s:7.2f}s {u.client_cpu_s:6.2f}s"
+                f"  {fmt_bytes(u.size):>5} {u.sender:<7} {u.endpoint:<15} {g.rate:6.0f} "
+                f"{spread(g.rates):>9} {g.rate / self.disk_rate(u.size):5.2f} "
+                f"{g.idle_rss / MB:6.1f}MB {g.peak_rss / MB:4.0f}MB "
+                f"{g.med(lambda r: r.cpu.loop_s):6.2f}s {g.med(lambda r: r.cpu.workers_s):6.2f}s "
+                f"{g.med(lambda r: r.client_cpu_s):5.2f}s "
+                f"{g.med(lambda r: r.faults / (r.size / GiB)):7.0f} "
+                f"{g.med(lambda r: r.other_cpu_s):5.2f}s {g.med(lambda r: r.steal_s):4.2f}s"
             )
-        out += ["  (ratio = receiver MB/s / plain disk MB/s; rx loop = CPU s of the receiver's "
-                "event-loop thread,", "   rx work = CPU s of its other threads (write, sha256, "
-                "fsync); client = CPU s of this process)"]
+        out += [
+            "  ratio   = median receiver MB/s / median plain disk MB/s of the same size",
+            "  peak    = max over runs of VmHWM (reset just before each upload) and of VmRSS "
+            "sampled every 50 ms",
+            "  rx loop = CPU s of the receiver's event-loop thread (recv, HTTP parsing, copies)",
+            "  rx work = CPU s of its other threads (executor: write() + sha256, fsync)",
+            "  client  = CPU s of this benchmark process (the sender)",
+            "  faults  = receiver minor page faults per GiB received (4 KiB pages)",
+            "  other   = CPU s of everything else meanwhile: other processes and kernel threads",
+            "            (writeback, softirq, page reporting); steal = CPU s the hypervisor took",
+            "  (all CPU and fault figures are medians over the runs)",
+        ]
         out += [f"  skipped: {s}" for s in self.skipped]
         out += ["", "== verdict =="]
-        for u in self.uploads:
-            ratio = u.rate / self.disk_rate
+        for g in self.upload_groups():
+            u = g.first
+            ratio = g.rate / self.disk_rate(u.size)
+            rss_ok = g.peak_rss < RSS_TARGET_BYTES
             out.append(
-                f"  {fmt_bytes(u.size):>7} {u.sender:<8}: ratio {ratio:.2f} "
+                f"  {fmt_bytes(u.size):>5} {u.sender:<7}: ratio {ratio:.2f} "
                 f"({'meets' if ratio >= RATIO_TARGET else 'BELOW'} {RATIO_TARGET}), peak RSS "
-                f"{u.peak_rss / MB:.1f} MB ({'meets' if u.peak_rss < RSS_TARGET_BYTES else 'ABOVE'}"
-                f" {RSS_TARGET_BYTES // MB} MB)"
+                f"{g.peak_rss / MB:.1f} MB ({'meets' if rss_ok else 'ABOVE'} "
+                f"{RSS_TARGET_BYTES // MB} MB)"
             )
         return "\n".join(out)
 
@@ -659,25 +760,37 @@ class Report:
             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}, "
             f"{m['filesystem'].split(' (')[0]}; Python {m['python']}, aiohttp {m['aiohttp']}, "
             f"mt5backupd {m['mt5backupd']}. Client and receiver on the same host over loopback, "
-            "in separate processes. 1 MB = 10^6 bytes.",
+            "in separate processes; resumable upload = create, one streamed PATCH, commit, "
+            "timed from the first body byte to the commit response. Median of "
+            f"{self.repeat} runs (min-max); 1 MB = 10^6 bytes.",
             "",
-            "| Measurement | Size | MB/s | Ratio to disk | Receiver RSS idle / peak |",
-            "|---|---:|---:|---:|---:|",
+            "| Measurement | Size | MB/s | min-max | Ratio to disk | Receiver RSS idle / peak |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
-        for d in self.disk:
-            ratio = d.rate / self.disk_rate
-            out.append(f"| {d.label} | {fmt_bytes(d.size)} | {d.rate:.0f} | {ratio:.2f} | |")
-        out.append(f"| sha256 alone (in memory) | | {self.sha_rate:.0f} | | |")
-        for sender, rate in self.ceilings.items():
-            out.append(f"| loopback ceiling, {sender} sender -> discard sink | | {rate:.0f} | | |")
-        for u in self.uploads:
+        for (label, size), runs in self.disk_groups().items():
+            rates = [d.rate for d in runs]
+            out.append(f"| {label} | {fmt_bytes(size)} | {median(rates):.0f} | {spread(rates)} | "
+                       f"{median(rates) / self.disk_rate(size):.2f} | |")
+        out.append(f"| sha256 alone (in memory) | | {self.sha_rate:.0f} | | | |")
+        for sender, rates in self.ceilings.items():
+            out.append(f"| loopback ceiling: {sender} -> discard sink | | {median(rates):.0f} | "
+                       f"{spread(rates)} | | |")
+        for g in self.upload_groups():
+            u = g.first
             out.append(
                 f"| receiver, {u.endpoint}, {u.sender} sender | {fmt_bytes(u.size)} | "
-                f"{u.rate:.0f} | {u.rate / self.disk_rate:.2f} | "
-                f"{u.idle_rss / MB:.0f} MB / {u.peak_rss / MB:.0f} MB |"
+                f"{g.rate:.0f} | {spread(g.rates)} | {g.rate / self.disk_rate(u.size):.2f} | "
+                f"{g.idle_rss / MB:.0f} MB / {g.peak_rss / MB:.0f} MB |"
             )
-        out += ["", f"Targets: ratio >= {RATIO_TARGET}; peak RSS flat and under "
-                f"{RSS_TARGET_BYTES // MB} MB."]
+        out += ["", f"Targets: ratio >= {RATIO_TARGET} (against the plain disk write of the same "
+                f"size); receiver peak RSS flat and under {RSS_TARGET_BYTES // MB} MB."]
+        if m.get("page reporting", "").startswith("yes"):
+            out += ["", "This VM reports freed memory to its host (virtio-balloon free page "
+                    "reporting): page cache filled from memory left free for a few seconds pays "
+                    "a host page fault per page (the \"cold\" row). "
+                    + ("Each timed step therefore ran right after an untimed fill-and-drop of "
+                       "the same size, so disk and receiver ran on equally warm memory."
+                       if self.prewarmed else "No prewarming was done (--no-prewarm).")]
         return "\n".join(out)
 
 
@@ -688,8 +801,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--size-gib", default="1,4",
                    help="upload sizes in GiB, comma separated (default: 1,4)")
-    p.add_argument("--baseline-gib", type=float, default=1.0,
-                   help="size of the disk baseline write in GiB (default: 1)")
+    p.add_argument("--baseline-gib", default=None,
+                   help="disk baseline sizes in GiB, comma separated (default: the upload sizes, "
+                        "so each upload is compared with a write of its own size)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs of each timed step; the median is reported (default: 3)")
     p.add_argument("--dir", type=Path, default=None,
                    help="parent of the temp dir; its filesystem is the one measured "
                         "(default: /var/tmp)")
@@ -699,35 +815,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also time the legacy one-shot POST /api/backup/upload")
     p.add_argument("--no-ceiling", action="store_true",
                    help="skip the sender -> discard sink measurement")
+    p.add_argument("--no-prewarm", action="store_true",
+                   help="do not fill and drop page cache before each timed step")
+    p.add_argument("--cold-idle-s", type=float, default=5.0,
+                   help="also time one 'cold' plain disk write after this long idle; 0 skips "
+                        "it (default: 5)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temp dir (backups, receiver log) instead of removing it")
     p.add_argument("--run-sink", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    return args
+
+
+def gib_list(text: str) -> list[int]:
+    return [int(float(s) * GiB) for s in text.split(",") if s.strip()]
 
 
 def enough_space(path: Path, size: int) -> bool:
     return shutil.disk_usage(path).free >= size + FREE_MARGIN_BYTES
 
 
-def run(args: argparse.Namespace, work: Path) -> Report:
-    sizes = [int(float(s) * GiB) for s in args.size_gib.split(",") if s.strip()]
+def run(args: argparse.Namespace, work: Path, report: Report) -> None:
+    sizes = gib_list(args.size_gib)
+    baselines = sorted(set(gib_list(args.baseline_gib or args.size_gib)))
     senders = list(SENDERS) if args.sender == "both" else [args.sender]
-    baseline = int(args.baseline_gib * GiB)
-    report = Report(machine_info(work))
     print(f"work dir {work} ({report.machine['filesystem']}); "
           f"{shutil.disk_usage(work).free / GiB:.1f} GiB free", flush=True)
 
     pool = os.urandom(RANDOM_POOL_BYTES)
     block = pool[:BODY_BLOCK_BYTES]
+    warm_pool = None if args.no_prewarm else pool
 
-    # 1. disk baseline
-    if not enough_space(work, baseline):
-        raise SystemExit(f"not enough free space in {work} for a {fmt_bytes(baseline)} baseline")
-    for hashed in (False, True):
-        result = disk_write(work, baseline, pool, hashed=hashed)
+    # 1. disk baseline: one cold plain write (informational), then plain and hashed per size
+    if args.cold_idle_s > 0 and enough_space(work, min(baselines)):
+        time.sleep(args.cold_idle_s)
+        result = disk_write(work, min(baselines), pool, hashed=False, cold=True)
         report.disk.append(result)
-        print(f"  {result.label}: {result.rate:.1f} MB/s", flush=True)
-    del pool
+        print(f"  {result.label} {fmt_bytes(result.size)}: {result.rate:.1f} MB/s", flush=True)
+    for size in baselines:
+        if not enough_space(work, size):
+            report.skipped.append(f"{fmt_bytes(size)} disk baseline: not enough space")
+            continue
+        for _ in range(args.repeat):
+            for hashed in (False, True):
+                if warm_pool is not None:
+                    prewarm(work, size, warm_pool)
+                result = disk_write(work, size, pool, hashed=hashed)
+                report.disk.append(result)
+                print(f"  {result.label} {fmt_bytes(size)}: {result.rate:.1f} MB/s", flush=True)
 
     # sha256 of each body before any clock starts (also the in-memory hash rate)
     digests: dict[int, str] = {}
@@ -740,16 +877,18 @@ def run(args: argparse.Namespace, work: Path) -> Report:
 
     # 2a. how fast the senders alone go (discard sink in another process)
     if not args.no_ceiling:
+        size = min(sizes)
         with sink_process() as port:
             for sender in senders:
-                size = min(sizes)
-                t0 = time.perf_counter()
-                resp = SENDER_FUNCS[sender]("127.0.0.1", port, "PATCH", "/sink", {}, block, size)
-                took = time.perf_counter() - t0
-                if resp.headers.get("upload-offset") != str(size):
-                    raise RuntimeError(f"sink received {resp.headers} of {size}")
-                report.ceilings[f"{sender} ({fmt_bytes(size)})"] = mb_s(size, took)
-                print(f"  ceiling {sender}: {mb_s(size, took):.1f} MB/s", flush=True)
+                rates = report.ceilings.setdefault(f"{sender} ({fmt_bytes(size)})", [])
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    resp = SENDER_FUNCS[sender]("127.0.0.1", port, "PATCH", "/sink", {}, block,
+                                                size)
+                    rates.append(mb_s(size, time.perf_counter() - t0))
+                    if resp.headers.get("upload-offset") != str(size):
+                        raise RuntimeError(f"sink received {resp.headers} of {size}")
+                print(f"  ceiling {sender}: {median(rates):.1f} MB/s", flush=True)
 
     # 2b/3. the real receiver
     rx = Receiver(work / "receiver")
@@ -761,22 +900,27 @@ def run(args: argparse.Namespace, work: Path) -> Report:
         print(f"receiver pid {rx.pid} on {rx.host}:{rx.port}, idle RSS "
               f"{proc_status(rx.pid)['VmRSS'] / MB:.1f} MB", flush=True)
         seq = 0
-        endpoints = [False, True] if args.legacy else [False]
         for size in sizes:
-            for legacy in endpoints:
+            for legacy in [False, True] if args.legacy else [False]:
                 for sender in senders:
-                    seq += 1
-                    if not enough_space(work, size):
-                        report.skipped.append(f"{fmt_bytes(size)} {sender}: not enough space")
-                        continue
-                    res = upload(rx, size, sender, block, digests[size], seq, legacy=legacy,
-                                 keep=args.keep)
-                    report.uploads.append(res)
-                    print(f"  {fmt_bytes(size)} {res.endpoint} via {sender}: "
-                          f"{res.rate:.1f} MB/s, peak RSS {res.peak_rss / MB:.1f} MB", flush=True)
+                    for _ in range(args.repeat):
+                        seq += 1
+                        need = (2 if warm_pool else 1) * size
+                        if not enough_space(work, need):
+                            report.skipped.append(f"{fmt_bytes(size)} {sender}: no space")
+                            continue
+                        res = upload(rx, size, sender, block, digests[size], seq,
+                                     legacy=legacy, keep=args.keep, warm_pool=warm_pool)
+                        report.uploads.append(res)
+                        print(f"  {fmt_bytes(size)} {res.endpoint} via {sender}: "
+                              f"{res.rate:.1f} MB/s, peak RSS {res.peak_rss / MB:.1f} MB",
+                              flush=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            print(f"receiver log (tail):\n{rx.log_path.read_text()[-3000:]}", file=sys.stderr)
+        raise
     finally:
         rx.stop()
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -786,8 +930,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parent = args.dir or Path("/var/tmp")
     work = Path(tempfile.mkdtemp(prefix="mt5b-bench-", dir=parent))
+    report = Report(machine_info(work), repeat=args.repeat, prewarmed=not args.no_prewarm)
     try:
-        report = run(args, work)
+        run(args, work, report)
     finally:
         if args.keep:
             print(f"kept {work}")

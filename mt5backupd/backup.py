@@ -1,9 +1,9 @@
 """One database backup run: the only module that wires dump, spool, upload and rotation together.
 
-    pg_dump ─pipe─▶ pump thread (zstd) ─▶ SpoolFile (.partial, sha256) ─▶ fsync ─▶ pg_restore --list
-                                              │ follows                     ─▶ rename, .sha256, manifest
-                                              ▼                             ─▶ commit(sha256, size)
-                                        uploader (resumable) ─▶ receiver    ─▶ rotation
+    pg_dump ─pipe─▶ pump thread (zstd) ─▶ SpoolFile (.partial, sha256)
+                                              │ follows          then: fsync, pg_restore --list,
+                                              ▼                  rename, .sha256, manifest,
+                                        uploader ─▶ receiver     commit(sha256, size), rotation
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class BackupResult:
     upload_state: str = ""
     upload_retries: int = 0
     uploaded_bytes: int = 0
+    resumed_at: list[int] = field(default_factory=list)
     size_anomaly: bool = False
     pending_uploaded: int = 0
     rotated: list[str] = field(default_factory=list)
@@ -94,7 +95,8 @@ class BackupResult:
             "duration_s": round(self.duration_s, 3),
             "dump_duration_s": round(self.dump_duration_s, 3),
             "upload_state": self.upload_state, "upload_retries": self.upload_retries,
-            "uploaded_bytes": self.uploaded_bytes, "size_anomaly": self.size_anomaly,
+            "uploaded_bytes": self.uploaded_bytes, "resumed_at": self.resumed_at,
+            "size_anomaly": self.size_anomaly,
             "pending_uploaded": self.pending_uploaded, "rotated": self.rotated,
             "error": self.error or None,
         }
@@ -133,7 +135,8 @@ class ServerInfo:
 
 async def db_preflight(cfg: DatabaseConfig, password: Secret | None) -> ServerInfo:
     """Connect once with asyncpg: proves credentials and reads the server version."""
-    where = f"{cfg.user or 'default user'}@{cfg.host or 'default host'}:{cfg.port or 'default port'}"
+    where = (f"{cfg.user or 'default user'}@{cfg.host or 'default host'}:"
+             f"{cfg.port or 'default port'}")
     try:
         conn = await asyncpg.connect(
             host=cfg.host, port=cfg.port, user=cfg.user, database=cfg.dbname,
@@ -317,7 +320,11 @@ async def _dump_and_ship(cfg: Config, client: ReceiverClient | None, password: S
     db, directory = cfg.database, cfg.local.dir
     started = datetime.now(UTC)
     t0 = time.monotonic()
-    backup = spool.backup_id(db.dbname, started)
+    taken: frozenset[str] = frozenset()
+    if client is not None:
+        with contextlib.suppress(Mt5BackupError):  # a name clash then shows at upload, as pending
+            taken = frozenset(str(r.get("id")) for r in await client.list_backups())
+    backup = spool.unique_backup_id(directory, db.dbname, started, db.compression.suffix, taken)
     file_name = backup + db.compression.suffix
     previous = spool.load_manifests(directory, KIND)
     spooled = spool.SpoolFile(directory, file_name)
@@ -413,7 +420,8 @@ async def _dump_and_ship(cfg: Config, client: ReceiverClient | None, password: S
         raw_bytes=stats.raw_bytes, sha256=sha256, compression=str(db.compression),
         duration_s=time.monotonic() - t0, dump_duration_s=stats.duration_s,
         upload_state=str(manifest.upload["state"]), upload_retries=progress.retries,
-        uploaded_bytes=progress.sent_bytes, size_anomaly=anomaly, rotated=rotated,
+        uploaded_bytes=progress.sent_bytes, resumed_at=progress.resumed_at,
+        size_anomaly=anomaly, rotated=rotated,
     )
     logger.info("backup {} ok: {} bytes sha256 {} in {:.1f} s, upload {}", backup, result.size,
                 sha256[:12], result.duration_s, result.upload_state)

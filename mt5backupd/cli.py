@@ -13,8 +13,8 @@ from pathlib import Path
 from loguru import logger
 
 from mt5backupd import __version__
-from mt5backupd.config import Config, load_config, resolve_config_path
 from mt5backupd.backup import BackupResult, run_backup
+from mt5backupd.config import Config, load_config, resolve_config_path
 from mt5backupd.errors import EXIT_FAILURE, EXIT_OK, EXIT_PENDING, Mt5BackupError
 from mt5backupd.logs import setup_logging
 

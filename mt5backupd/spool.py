@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mt5backupd.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, is_disk_full
 from mt5backupd.errors import Mt5BackupError
+from mt5backupd.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, is_disk_full
 
 PARTIAL_DIR = ".partial"
 MANIFEST_SUFFIX = ".json"
@@ -37,6 +37,20 @@ class LocalDiskFull(Mt5BackupError):
 def backup_id(prefix: str, when: datetime) -> str:
     """``mt5_trading-20261125-030000`` (UTC, so DST never makes two runs share a name)."""
     return f"{prefix}-{when.astimezone(UTC):%Y%m%d-%H%M%S}"
+
+
+def unique_backup_id(directory: Path, prefix: str, when: datetime, suffix: str,
+                     taken_remotely: frozenset[str] = frozenset()) -> str:
+    """``backup_id``, with ``-1``, ``-2``... when a run in the same second already took it,
+    here or (``taken_remotely``, file names) on the receiver."""
+    base = candidate = backup_id(prefix, when)
+    n = 0
+    while (manifest_path(directory, candidate).exists()
+           or (directory / f"{candidate}{suffix}").exists()
+           or f"{candidate}{suffix}" in taken_remotely):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
 
 
 class SpoolFile:
@@ -92,7 +106,8 @@ class SpoolFile:
     def publish(self, final_path: Path) -> None:
         """Rename into place (after sync + verification) and make the rename durable."""
         self.close()
-        os.rename(self.path, final_path)
+        os.link(self.path, final_path)  # unlike rename, never replaces an existing backup
+        self.path.unlink()
         fsync_dir(final_path.parent)
         self.path = final_path
 
@@ -167,7 +182,8 @@ def load_manifests(directory: Path, kind: str | None = None) -> list[Manifest]:
 
 
 def remove_backup(directory: Path, manifest: Manifest) -> None:
-    """Data and sidecar first, manifest last: a crash midway leaves a visible, not a hidden, loss."""
+    """Data and sidecar first, manifest last: a crash midway leaves a visible loss, not a
+    hidden one."""
     data = directory / manifest.file
     for path in (data.with_name(data.name + SIDECAR_SUFFIX), data):
         with contextlib.suppress(FileNotFoundError):

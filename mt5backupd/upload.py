@@ -86,8 +86,10 @@ class ReceiverClient:
             await self._session.close()
             self._session = None
 
-    async def _request(self, method: str, path: str, *, expect: tuple[int, ...],
-                       stream_timeout: bool = False, **kwargs: Any) -> tuple[int, Any, dict[str, str]]:
+    async def _request(
+        self, method: str, path: str, *, expect: tuple[int, ...], stream_timeout: bool = False,
+        **kwargs: Any,
+    ) -> tuple[int, Any, dict[str, str]]:
         timeout = (aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s,
                                          sock_read=self.timeout_s) if stream_timeout
                    else aiohttp.ClientTimeout(total=self.timeout_s))
@@ -255,6 +257,7 @@ class UploadProgress:
     retries: int = 0
     sent_bytes: int = 0
     last_error: str = ""
+    resumed_at: list[int] = field(default_factory=list)  # receiver offsets resumed from
     on_retry: Callable[[], None] = field(default=lambda: None)
     on_bytes: Callable[[int], None] = field(default=lambda _n: None)
 
@@ -305,6 +308,8 @@ async def send_following(
                     progress.offset = 0
                 elif failures:
                     progress.offset = await client.upload_offset(progress.uid)
+                    progress.resumed_at.append(progress.offset)
+                    logger.info("resuming upload {} at offset {}", progress.uid, progress.offset)
                 if source.closed and progress.offset >= source.size:
                     return progress
                 progress.offset = await client.append(

@@ -19,7 +19,7 @@ from tests.receiver_harness import (
     receiver_config,
 )
 
-pytest_plugins = ["tests.pg_fixtures"]
+pytest_plugins = ["tests.pg_fixtures", "tests.backup_fixtures"]
 
 
 @dataclass

@@ -13,7 +13,6 @@ import pytest
 from mt5backupd import sampledata
 from mt5backupd.pgcluster import PgCluster, PgClusterError, find_bin_dir
 
-
 SAMPLE_DB_BYTES = 2 * 1024 * 1024  # what the sample_db fixture asks generate() for
 
 

@@ -44,6 +44,7 @@ from mt5backupd.retention import Item, Policy, select_remove
 WRITE_CHUNK_BYTES = 1024 * 1024
 FREE_CHECK_EVERY_BYTES = 64 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
+ABORT_WAIT_S = 30.0
 
 BytesCallback = Callable[[int], None]
 
@@ -502,8 +503,18 @@ class Storage:
             return record
 
     async def abort(self, client: str, uid: str) -> None:
+        """Remove an upload. A PATCH still finishing (its client just went away) is waited for,
+        so its last write cannot recreate what was removed."""
         sess = self._get_session(client, uid)
-        await self._discard_session(sess)
+        try:
+            await asyncio.wait_for(sess.lock.acquire(), ABORT_WAIT_S)
+        except TimeoutError:
+            raise UploadBusy(f"upload {uid} is still receiving data on another connection"
+                             ) from None
+        try:
+            await self._discard_session(sess)
+        finally:
+            sess.lock.release()
 
     async def _discard_session(self, sess: _Session) -> None:
         data_path, meta_path = self._partial_paths(sess.client, sess.uid)
