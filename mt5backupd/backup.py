@@ -290,7 +290,8 @@ async def _locked_run(cfg: Config, observer: RunObserver, show_progress: bool) -
         logger.warning("removed leftovers of an interrupted run from {}/{}", directory,
                        spool.PARTIAL_DIR)
     password = database_password(db)
-    check_pgpass()
+    with contextlib.suppress(RuntimeError):  # no home directory: no ~/.pgpass to check
+        check_pgpass()
     client = _client(cfg)
     try:
         remote_ok = client is not None and await remote_preflight(client,
@@ -353,6 +354,19 @@ async def _dump_and_ship(cfg: Config, client: ReceiverClient | None, password: S
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, spooled.sync)
         await list_archive(db.pg_restore, spooled.path)
+        source.close(spooled.size)
+        anomaly = bool(previous and previous[-1].compression == str(db.compression)
+                       and spooled.size < previous[-1].size * ANOMALY_RATIO)
+        manifest = spool.Manifest(
+            id=backup, file=file_name, kind=KIND, database=db.dbname, size=spooled.size,
+            sha256=spooled.sha256, compression=str(db.compression), started=started.isoformat(),
+            finished=datetime.now(UTC).isoformat(), duration_s=round(time.monotonic() - t0, 3),
+            dump_duration_s=round(stats.duration_s, 3), raw_bytes=stats.raw_bytes,
+            pg_dump_version=dump_version, server_version=server.version, size_anomaly=anomaly,
+            upload={"state": spool.UPLOAD_PENDING if cfg.remote.url else spool.UPLOAD_DISABLED},
+        )
+        final = directory / file_name
+        await loop.run_in_executor(None, spool.publish, spooled, final, manifest, directory)
     except BaseException as exc:
         if upload_task is not None:
             upload_task.cancel()
@@ -375,23 +389,7 @@ async def _dump_and_ship(cfg: Config, client: ReceiverClient | None, password: S
                                 error=f"{exc.strerror or exc} ({exc.filename or directory})",
                                 duration_s=time.monotonic() - t0)
         raise
-    source.close(spooled.size)
-    final = directory / file_name
-    spooled.publish(final)
     sha256 = spooled.sha256
-    spool.write_sidecar(final, sha256)
-    anomaly = bool(previous and previous[-1].compression == str(db.compression)
-                   and spooled.size < previous[-1].size * ANOMALY_RATIO)
-    manifest = spool.Manifest(
-        id=backup, file=file_name, kind=KIND, database=db.dbname, size=spooled.size,
-        sha256=sha256, compression=str(db.compression), started=started.isoformat(),
-        finished=datetime.now(UTC).isoformat(), duration_s=round(time.monotonic() - t0, 3),
-        dump_duration_s=round(stats.duration_s, 3), raw_bytes=stats.raw_bytes,
-        pg_dump_version=dump_version, server_version=server.version, size_anomaly=anomaly,
-        upload={"state": spool.UPLOAD_PENDING if client or cfg.remote.url
-                else spool.UPLOAD_DISABLED},
-    )
-    spool.save_manifest(directory, manifest)  # from here on the backup exists locally
     if anomaly:
         logger.warning("size anomaly: {} is {} bytes, previous {} was {}", backup,
                        spooled.size, previous[-1].id, previous[-1].size)

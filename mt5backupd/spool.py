@@ -149,6 +149,21 @@ class Manifest:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def publish(spooled: SpoolFile, final: Path, manifest: Manifest, directory: Path) -> None:
+    """File, then sidecar, then manifest (from which point the backup exists). If any step
+    fails (a full disk, typically) whatever was published is removed again."""
+    try:
+        spooled.publish(final)
+        write_sidecar(final, manifest.sha256)
+        save_manifest(directory, manifest)
+    except OSError as exc:
+        remove_backup(directory, manifest)
+        spooled.discard()
+        if is_disk_full(exc):
+            raise LocalDiskFull(f"local disk full publishing {final.name}") from None
+        raise
+
+
 def manifest_path(directory: Path, backup: str) -> Path:
     return directory / f"{backup}{MANIFEST_SUFFIX}"
 
