@@ -13,9 +13,9 @@ from pathlib import Path
 from loguru import logger
 
 from mt5backupd import __version__
-from mt5backupd.backup import BackupResult, run_backup
+from mt5backupd.backup import BackupResult
 from mt5backupd.config import Config, load_config, resolve_config_path
-from mt5backupd.errors import EXIT_FAILURE, EXIT_OK, EXIT_PENDING, Mt5BackupError
+from mt5backupd.errors import EXIT_OK, EXIT_PENDING, Mt5BackupError
 from mt5backupd.logs import setup_logging
 
 
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="legacy /etc/default/mt5-backup style KEY=VALUE overrides")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon (the default when no command is given)")
+    _add_common(run, top=False)
 
     pend = sub.add_parser("upload-pending", help="upload local backups whose upload is pending")
     _add_common(pend, top=False)
@@ -68,12 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> Config:
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """The file to load (and to reload on SIGHUP); None when the default is absent."""
     path, explicit = resolve_config_path(args.config, os.environ)
+    return path if explicit or path.exists() else None
+
+
+def _load(args: argparse.Namespace) -> Config:
     env_file = Path(args.env_file) if args.env_file else None
-    if not explicit and not path.exists():
-        return load_config(None, env_file=env_file)
-    return load_config(path, env_file=env_file)
+    return load_config(_config_path(args), env_file=env_file)
+
+
+def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
+    from mt5backupd import jobs
+    from mt5backupd.daemon import Daemon
+
+    setup_logging(config.log, "daemon", verbose=args.verbose)
+    daemon = Daemon(config, _config_path(args),
+                    Path(args.env_file) if args.env_file else None,
+                    {"database": jobs.database_job, "upload_pending": jobs.upload_pending_job})
+    asyncio.run(daemon.run())
+    return EXIT_OK
 
 
 def _print_result(result: BackupResult, as_json: bool) -> None:
@@ -85,7 +103,10 @@ def _print_result(result: BackupResult, as_json: bool) -> None:
 
 def _cmd_run_now(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log, "backup", verbose=args.verbose)
-    result = asyncio.run(run_backup(config, show_progress=sys.stderr.isatty() and not args.json))
+    from mt5backupd.jobs import run_database
+
+    result = asyncio.run(run_database(config,
+                                      show_progress=sys.stderr.isatty() and not args.json))
     _print_result(result, args.json)
     return result.exit_code
 
@@ -145,9 +166,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _cmd_demo(args)
-        if args.command is None and not args.run_now:
-            parser.print_help(sys.stderr)
-            return EXIT_FAILURE
         config = _load(args)
         if args.run_now:
             if args.command is not None:
@@ -157,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_receiver(args, config)
         if args.command == "upload-pending":
             return _cmd_upload_pending(args, config)
+        if args.command in (None, "run"):
+            return _cmd_daemon(args, config)
         parser.error(f"unknown command {args.command!r}")
     except Mt5BackupError as exc:
         if verbose:

@@ -160,6 +160,49 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    timezone: str = ""  # "" = the system's
+    database: str = "0 3 * * *"
+    repository: str = "0 4 * * 0"
+    verify: str = ""  # "" = no scheduled test restore
+    upload_pending: str = "0 * * * *"
+    misfire_grace_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    path: Path | None = None  # None: no repository job
+    exclude: tuple[str, ...] = ("__pycache__", "*.pyc", ".venv", "node_modules")
+    keep: int = 4
+    compression_level: int = 3
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 9102
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    max_age_s: float = 26 * 3600.0
+    max_pending_age_s: float = 6 * 3600.0
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    shutdown_grace_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    webhook_urls: tuple[str, ...] = ()
+    on_success: bool = False
+    ping_url: str | None = None  # healthchecks.io style: URL, URL/start, URL/fail
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path | None = None  # the TOML file this came from, for messages
     log: LogConfig = field(default_factory=LogConfig)
@@ -167,6 +210,12 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    repository: RepositoryConfig = field(default_factory=RepositoryConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     # The legacy BACKUP_API_TOKEN, served by the receiver as the client token named "default".
     legacy_receiver_token: Secret | None = None
 
@@ -365,6 +414,103 @@ def _load_remote(sec: _Section) -> RemoteConfig:
     return cfg
 
 
+def _validate_cron(sec: _Section, key: str, expr: str, tz: str) -> None:
+    from mt5backupd.schedule import make_trigger
+
+    try:
+        make_trigger(expr, tz)
+    except ValueError as exc:
+        raise sec._err(key, str(exc)) from None
+
+
+def _load_schedule(sec: _Section) -> ScheduleConfig:
+    d = ScheduleConfig()
+    cfg = ScheduleConfig(
+        timezone=sec.get("timezone", str, d.timezone),
+        database=sec.get("database", str, d.database),
+        repository=sec.get("repository", str, d.repository),
+        verify=sec.get("verify", str, d.verify),
+        upload_pending=sec.get("upload_pending", str, d.upload_pending),
+        misfire_grace_s=sec.float_min("misfire_grace_s", d.misfire_grace_s, 1.0),
+    )
+    if cfg.timezone:
+        from mt5backupd.schedule import resolve_timezone
+
+        try:
+            resolve_timezone(cfg.timezone)
+        except ValueError as exc:
+            raise sec._err("timezone", str(exc)) from None
+    for key in ("database", "repository", "upload_pending"):
+        expr = getattr(cfg, key)
+        if expr:
+            _validate_cron(sec, key, expr, cfg.timezone)
+    if cfg.verify:
+        raise sec._err("verify", "scheduled test restores are not available in this version; "
+                                 "leave it empty")
+    sec.finish()
+    return cfg
+
+
+def _str_list(sec: _Section, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    sec.seen.add(key)
+    if key not in sec.table:
+        return default
+    value = sec.table[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise sec._err(key, "expected a list of strings")
+    return tuple(value)
+
+
+def _load_repository(sec: _Section) -> RepositoryConfig:
+    d = RepositoryConfig()
+    level = sec.int_min("compression_level", d.compression_level, 1)
+    if level > 19:
+        raise sec._err("compression_level", f"must be 1..19, got {level}")
+    cfg = RepositoryConfig(path=sec.opt_path("path"),
+                           exclude=_str_list(sec, "exclude", d.exclude),
+                           keep=sec.int_min("keep", d.keep, 1), compression_level=level)
+    sec.finish()
+    return cfg
+
+
+def _load_http(sec: _Section) -> HttpConfig:
+    d = HttpConfig()
+    listen = sec.get("listen", str, f"{d.listen_host}:{d.listen_port}")
+    host, port = parse_listen(listen, f"{sec.where}: [http] listen")
+    sec.finish()
+    return HttpConfig(host, port)
+
+
+def _load_health(sec: _Section) -> HealthConfig:
+    d = HealthConfig()
+    cfg = HealthConfig(max_age_s=sec.float_min("max_age_s", d.max_age_s, 1.0),
+                       max_pending_age_s=sec.float_min("max_pending_age_s",
+                                                       d.max_pending_age_s, 1.0))
+    sec.finish()
+    return cfg
+
+
+def _load_daemon(sec: _Section) -> DaemonConfig:
+    cfg = DaemonConfig(shutdown_grace_s=sec.float_min("shutdown_grace_s",
+                                                      DaemonConfig().shutdown_grace_s, 0.0))
+    sec.finish()
+    return cfg
+
+
+def _load_notify(sec: _Section) -> NotifyConfig:
+    d = NotifyConfig()
+    urls = _str_list(sec, "webhook_urls", d.webhook_urls)
+    ping = sec.opt_str("ping_url")
+    for key, url in [("webhook_urls", u) for u in urls] + [("ping_url", ping or "http://")]:
+        if not url.startswith(("http://", "https://")):
+            raise sec._err(key, f"must start with http:// or https://; got {url!r}")
+    cfg = NotifyConfig(webhook_urls=urls, on_success=sec.get("on_success", bool, d.on_success),
+                       ping_url=ping.rstrip("/") if ping else None,
+                       timeout_s=sec.float_min("timeout_s", d.timeout_s, 0.1))
+    sec.finish()
+    return cfg
+
+
 LEGACY_VARS = (
     "POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_HOST", "POSTGRES_PORT",
     "BACKUP_DIR", "KEEP_LOCAL_BACKUPS", "BACKUP_API_URL", "BACKUP_API_TOKEN", "MAX_RETRIES",
@@ -474,6 +620,12 @@ def load_config(
     database = _load_database(root.sub("database"))
     local = _load_local(root.sub("local"))
     remote = _load_remote(root.sub("remote"))
+    schedule = _load_schedule(root.sub("schedule"))
+    repository = _load_repository(root.sub("repository"))
+    http = _load_http(root.sub("http"))
+    health = _load_health(root.sub("health"))
+    daemon = _load_daemon(root.sub("daemon"))
+    notify = _load_notify(root.sub("notify"))
     unknown = sorted(set(data) - root.seen)
     if unknown:
         raise ConfigError(f"{where}: [{unknown[0]}]: unknown section")
@@ -485,6 +637,12 @@ def load_config(
         database=database,
         local=local,
         remote=remote,
+        schedule=schedule,
+        repository=repository,
+        http=http,
+        health=health,
+        daemon=daemon,
+        notify=notify,
         legacy_receiver_token=Secret(token) if token else None,
     )
     return apply_legacy_env(cfg, env, str(env_file) if env_file else "environment")

@@ -53,7 +53,14 @@ class _InterceptHandler(logging.Handler):
         )
 
 
-_HUMAN = "<level>{level: <7}</level> {extra[component]}: {message}"
+def _human(record: Record) -> str:
+    """``LEVEL component [job run]: message`` — the job and run id appear on every line of a run
+    (they are bound with ``logger.contextualize`` by the daemon)."""
+    extra = record["extra"]
+    tag = " ".join(str(extra[k]) for k in ("job", "run", "client") if k in extra)
+    where = f"{extra.get('component', '-')}" + (f" [{tag}]" if tag else "")
+    return f"<level>{{level: <7}}</level> {where.replace('{', '{{').replace('}', '}}')}: " \
+        "{message}\n{exception}"
 
 
 def setup_logging(cfg: LogConfig | None, component: str, *, verbose: bool = False) -> None:
@@ -61,7 +68,7 @@ def setup_logging(cfg: LogConfig | None, component: str, *, verbose: bool = Fals
     logger.remove()
     logger.configure(extra={"component": component}, patcher=_patch)
     level = "DEBUG" if verbose else (cfg.level if cfg else "INFO")
-    logger.add(sys.stderr, level=level, format=_HUMAN, colorize=None, backtrace=False,
+    logger.add(sys.stderr, level=level, format=_human, colorize=None, backtrace=False,
                diagnose=False)
     if cfg is not None and cfg.dir is not None:
         log_dir = Path(cfg.dir)
@@ -77,10 +84,13 @@ def setup_logging(cfg: LogConfig | None, component: str, *, verbose: bool = Fals
             diagnose=False,  # diagnose would print local variables, secrets included
         )
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.INFO, force=True)
-    for noisy in ("aiohttp.access",):
+    for noisy in ("aiohttp.access", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def bind(**extra: Any) -> Any:
     """A logger carrying extra fields (run id, job, client) on every line."""
     return logger.bind(**extra)
+
+
+__all__ = ["bind", "mask", "register_secret", "setup_logging"]
