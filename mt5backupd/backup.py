@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 from loguru import logger
 
-from mt5backupd import compress, spool
+from mt5backupd import archive, compress, spool
 from mt5backupd.config import Config, DatabaseConfig, Secret
 from mt5backupd.dump import (
     check_dump_compatible,
@@ -273,6 +273,29 @@ async def _progress_line(spooled: spool.SpoolFile, progress: UploadProgress) -> 
         sys.stderr.flush()
 
 
+@dataclass
+class ProduceStats:
+    raw_bytes: int  # bytes before our compression (pg_dump's output, the tar stream)
+    duration_s: float
+
+
+@dataclass
+class ShipSpec:
+    """What one run makes and how it is checked; everything else (spool, upload, publication,
+    rotation) is the same for every kind."""
+
+    kind: str
+    prefix: str  # backup name prefix (the database name, "repository")
+    suffix: str  # file suffix (.dump.zst, .tar.zst, ...)
+    compression: str  # as recorded in the manifest
+    keep: int
+    produce: Callable[[spool.SpoolFile], Awaitable[ProduceStats]]
+    verify: Callable[[Path], Awaitable[None]]
+    describe: str  # "mt5_trading" / "/srv/trading-repo" for the log line
+    metadata: dict[str, Any] = field(default_factory=dict)  # to the receiver and the manifest
+    manifest_fields: dict[str, Any] = field(default_factory=dict)  # Manifest attributes
+
+
 async def run_backup(cfg: Config, observer: RunObserver | None = None, *,
                      show_progress: bool = False) -> BackupResult:
     """Take one database backup. Raises Mt5BackupError for failures before any dump (config,
@@ -284,27 +307,61 @@ async def run_backup(cfg: Config, observer: RunObserver | None = None, *,
         return await _locked_run(cfg, observer, show_progress)
 
 
+async def _database_spec(cfg: Config, password: Secret | None) -> ShipSpec:
+    """Preflight of the database side, then the spec of its dump."""
+    db = cfg.database
+    server = await db_preflight(db, password)
+    dump_major, dump_version = await tool_version(db.pg_dump, "pg_dump")
+    check_dump_compatible(dump_major, server.major, db.pg_dump)
+    await tool_version(db.pg_restore, "pg_restore")
+
+    async def produce(spooled: spool.SpoolFile) -> ProduceStats:
+        def pump(read_fd: int, on_read: Callable[[int], None]) -> int:
+            return compress.pump(read_fd, spooled, db.compression, db.compression_threads,
+                                 on_read)
+
+        stats = await run_dump(pg_dump_argv(db), libpq_env(db, password), pump,
+                               stall_timeout_s=db.stall_timeout_s)
+        return ProduceStats(stats.raw_bytes, stats.duration_s)
+
+    async def verify(path: Path) -> None:
+        await list_archive(db.pg_restore, path)
+
+    return ShipSpec(
+        kind=KIND, prefix=db.dbname, suffix=db.compression.suffix,
+        compression=str(db.compression), keep=cfg.local.keep, produce=produce, verify=verify,
+        describe=db.dbname,
+        metadata={"database": db.dbname, "compression": str(db.compression),
+                  "pg_dump_version": dump_version, "server_version": server.version},
+        manifest_fields={"database": db.dbname, "pg_dump_version": dump_version,
+                         "server_version": server.version},
+    )
+
+
 async def _locked_run(cfg: Config, observer: RunObserver, show_progress: bool) -> BackupResult:
-    db, directory = cfg.database, cfg.local.dir
+    password = database_password(cfg.database)
+    with contextlib.suppress(RuntimeError):  # no home directory: no ~/.pgpass to check
+        check_pgpass()
+    return await _run_locked(cfg, observer, show_progress,
+                             lambda: _database_spec(cfg, password))
+
+
+async def _run_locked(cfg: Config, observer: RunObserver, show_progress: bool,
+                      make_spec: Callable[[], Awaitable[ShipSpec]]) -> BackupResult:
+    """Shared by every kind, under the run lock: preflight, pending uploads, produce, ship."""
+    directory = cfg.local.dir
     if spool.clean_partials(directory):
         logger.warning("removed leftovers of an interrupted run from {}/{}", directory,
                        spool.PARTIAL_DIR)
-    password = database_password(db)
-    with contextlib.suppress(RuntimeError):  # no home directory: no ~/.pgpass to check
-        check_pgpass()
     client = _client(cfg)
     try:
         remote_ok = client is not None and await remote_preflight(client,
                                                                   cfg.remote.on_unavailable)
-        server = await db_preflight(db, password)
-        dump_major, dump_version = await tool_version(db.pg_dump, "pg_dump")
-        check_dump_compatible(dump_major, server.major, db.pg_dump)
-        await tool_version(db.pg_restore, "pg_restore")
+        spec = await make_spec()
         pending_done = 0
         if client is not None and remote_ok:
             pending_done, _left = await upload_pending(client, cfg, observer)
-        result = await _dump_and_ship(cfg, client if remote_ok else None, password, server,
-                                      dump_version, observer, show_progress)
+        result = await _ship(cfg, client if remote_ok else None, spec, observer, show_progress)
         result.pending_uploaded = pending_done
         if client is not None and not remote_ok and result.ok:
             result.upload_state = spool.UPLOAD_PENDING
@@ -315,55 +372,50 @@ async def _locked_run(cfg: Config, observer: RunObserver, show_progress: bool) -
             await client.close()
 
 
-async def _dump_and_ship(cfg: Config, client: ReceiverClient | None, password: Secret | None,
-                         server: ServerInfo, dump_version: str, observer: RunObserver,
-                         show_progress: bool) -> BackupResult:
-    db, directory = cfg.database, cfg.local.dir
+async def _ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
+                observer: RunObserver, show_progress: bool) -> BackupResult:
+    directory = cfg.local.dir
     started = datetime.now(UTC)
     t0 = time.monotonic()
     taken: frozenset[str] = frozenset()
     if client is not None:
         with contextlib.suppress(Mt5BackupError):  # a name clash then shows at upload, as pending
             taken = frozenset(str(r.get("id")) for r in await client.list_backups())
-    backup = spool.unique_backup_id(directory, db.dbname, started, db.compression.suffix, taken)
-    file_name = backup + db.compression.suffix
-    previous = spool.load_manifests(directory, KIND)
+    backup = spool.unique_backup_id(directory, spec.prefix, started, spec.suffix, taken)
+    file_name = backup + spec.suffix
+    previous = spool.load_manifests(directory, spec.kind)
     spooled = spool.SpoolFile(directory, file_name)
     source = GrowingSource(spooled.path, lambda: spooled.size)
     spooled.on_write = source.notify_threadsafe
     progress = UploadProgress(on_retry=observer.on_upload_retry,
                               on_bytes=observer.on_uploaded_bytes)
-    metadata = {"database": db.dbname, "compression": str(db.compression),
-                "started": started.isoformat(), "pg_dump_version": dump_version,
-                "server_version": server.version}
+    metadata = {**spec.metadata, "kind": spec.kind, "started": started.isoformat()}
     upload_task: asyncio.Task[UploadProgress] | None = None
     if client is not None:
         upload_task = asyncio.create_task(send_following(
-            client, source, name=file_name, kind=KIND, metadata=metadata,
+            client, source, name=file_name, kind=spec.kind, metadata=metadata,
             max_retries=cfg.remote.max_retries, retry_delay_s=cfg.remote.retry_delay_s,
             progress=progress))
     line_task = asyncio.create_task(_progress_line(spooled, progress)) if show_progress else None
 
-    def pump(read_fd: int, on_read: Callable[[int], None]) -> int:
-        return compress.pump(read_fd, spooled, db.compression, db.compression_threads, on_read)
-
-    logger.info("backup {} started: {} -> {} ({})", backup, db.dbname, file_name, db.compression)
+    logger.info("backup {} started: {} -> {} ({})", backup, spec.describe, file_name,
+                spec.compression)
     try:
-        stats = await run_dump(pg_dump_argv(db), libpq_env(db, password), pump,
-                               stall_timeout_s=db.stall_timeout_s)
+        stats = await spec.produce(spooled)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, spooled.sync)
-        await list_archive(db.pg_restore, spooled.path)
+        await spec.verify(spooled.path)
         source.close(spooled.size)
-        anomaly = bool(previous and previous[-1].compression == str(db.compression)
+        anomaly = bool(previous and previous[-1].compression == spec.compression
                        and spooled.size < previous[-1].size * ANOMALY_RATIO)
         manifest = spool.Manifest(
-            id=backup, file=file_name, kind=KIND, database=db.dbname, size=spooled.size,
-            sha256=spooled.sha256, compression=str(db.compression), started=started.isoformat(),
+            id=backup, file=file_name, kind=spec.kind, size=spooled.size,
+            sha256=spooled.sha256, compression=spec.compression, started=started.isoformat(),
             finished=datetime.now(UTC).isoformat(), duration_s=round(time.monotonic() - t0, 3),
             dump_duration_s=round(stats.duration_s, 3), raw_bytes=stats.raw_bytes,
-            pg_dump_version=dump_version, server_version=server.version, size_anomaly=anomaly,
+            size_anomaly=anomaly,
             upload={"state": spool.UPLOAD_PENDING if cfg.remote.url else spool.UPLOAD_DISABLED},
+            **{"database": "", **spec.manifest_fields},
         )
         final = directory / file_name
         await loop.run_in_executor(None, spool.publish, spooled, final, manifest, directory)
@@ -378,15 +430,12 @@ async def _dump_and_ship(cfg: Config, client: ReceiverClient | None, password: S
         if line_task is not None:
             line_task.cancel()
             sys.stderr.write("\n")
-        if isinstance(exc, Mt5BackupError):
-            logger.error("backup {} failed: {}", backup, exc)
-            return BackupResult(ok=False, exit_code=EXIT_FAILURE, id=backup, error=str(exc),
-                                compression=str(db.compression),
-                                duration_s=time.monotonic() - t0)
-        if isinstance(exc, OSError):
-            logger.error("backup {} failed: {}", backup, exc)
-            return BackupResult(ok=False, exit_code=EXIT_FAILURE, id=backup,
-                                error=f"{exc.strerror or exc} ({exc.filename or directory})",
+        if isinstance(exc, Mt5BackupError | OSError):
+            error = str(exc) if isinstance(exc, Mt5BackupError) else \
+                f"{exc.strerror or exc} ({exc.filename or directory})"
+            logger.error("backup {} failed: {}", backup, error)
+            return BackupResult(ok=False, exit_code=EXIT_FAILURE, id=backup, error=error,
+                                compression=spec.compression,
                                 duration_s=time.monotonic() - t0)
         raise
     sha256 = spooled.sha256
@@ -412,10 +461,10 @@ async def _dump_and_ship(cfg: Config, client: ReceiverClient | None, password: S
     if line_task is not None:
         line_task.cancel()
         sys.stderr.write("\n")
-    rotated = rotate(directory, cfg.local.keep)
+    rotated = rotate(directory, spec.keep, spec.kind)
     result = BackupResult(
         ok=True, exit_code=exit_code, id=backup, file=final, size=spooled.size,
-        raw_bytes=stats.raw_bytes, sha256=sha256, compression=str(db.compression),
+        raw_bytes=stats.raw_bytes, sha256=sha256, compression=spec.compression,
         duration_s=time.monotonic() - t0, dump_duration_s=stats.duration_s,
         upload_state=str(manifest.upload["state"]), upload_retries=progress.retries,
         uploaded_bytes=progress.sent_bytes, resumed_at=progress.resumed_at,
@@ -424,6 +473,39 @@ async def _dump_and_ship(cfg: Config, client: ReceiverClient | None, password: S
     logger.info("backup {} ok: {} bytes sha256 {} in {:.1f} s, upload {}", backup, result.size,
                 sha256[:12], result.duration_s, result.upload_state)
     return result
+
+
+async def run_repository(cfg: Config, observer: RunObserver | None = None) -> BackupResult:
+    """The weekly archive of the trading repository (legacy backup-full-repo.sh)."""
+    repo = cfg.repository
+    if repo.path is None:
+        raise ConfigError("[repository] path is not set")
+    observer = observer or RunObserver()
+    cfg.local.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    label = f"zstd:{repo.compression_level}"
+
+    async def make_spec() -> ShipSpec:
+        if repo.path is None or not repo.path.is_dir():
+            raise ConfigError(f"[repository] path {repo.path}: not a directory")
+        root = repo.path
+
+        async def produce(spooled: spool.SpoolFile) -> ProduceStats:
+            t0 = time.monotonic()
+            raw = await asyncio.get_running_loop().run_in_executor(
+                None, archive.write_tar, root, repo.exclude, spooled, repo.compression_level)
+            return ProduceStats(raw, time.monotonic() - t0)
+
+        async def verify(path: Path) -> None:
+            await asyncio.get_running_loop().run_in_executor(None, archive.check_tar, path)
+
+        return ShipSpec(kind="repository", prefix="repository", suffix=".tar.zst",
+                        compression=label, keep=repo.keep, produce=produce, verify=verify,
+                        describe=str(root), metadata={"path": str(root)},
+                        manifest_fields={"extra": {"path": str(root),
+                                                   "exclude": list(repo.exclude)}})
+
+    with RunLock(cfg.local.dir):
+        return await _run_locked(cfg, observer, False, make_spec)
 
 
 async def pending_command(cfg: Config) -> tuple[int, int]:

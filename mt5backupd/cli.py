@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(parser, top=True)
     parser.add_argument("--run-now", action="store_true",
                         help="take one database backup now, in the foreground, and exit")
+    parser.add_argument("--job", choices=("database", "repository"), default="database",
+                        help="with --run-now: which job (default: database)")
     parser.add_argument("--env-file", metavar="PATH",
                         help="legacy /etc/default/mt5-backup style KEY=VALUE overrides")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -89,7 +91,7 @@ def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log, "daemon", verbose=args.verbose)
     daemon = Daemon(config, _config_path(args),
                     Path(args.env_file) if args.env_file else None,
-                    {"database": jobs.database_job, "upload_pending": jobs.upload_pending_job})
+                    dict(jobs.DAEMON_JOBS))
     asyncio.run(daemon.run())
     return EXIT_OK
 
@@ -103,10 +105,13 @@ def _print_result(result: BackupResult, as_json: bool) -> None:
 
 def _cmd_run_now(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log, "backup", verbose=args.verbose)
-    from mt5backupd.jobs import run_database
+    from mt5backupd.jobs import run_database, run_repository_now
 
-    result = asyncio.run(run_database(config,
-                                      show_progress=sys.stderr.isatty() and not args.json))
+    if args.job == "repository":
+        result = asyncio.run(run_repository_now(config))
+    else:
+        result = asyncio.run(run_database(config,
+                                          show_progress=sys.stderr.isatty() and not args.json))
     _print_result(result, args.json)
     return result.exit_code
 

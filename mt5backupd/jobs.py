@@ -7,38 +7,42 @@ Every run is recorded, including failures before any dump (database down, bad to
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from mt5backupd import state
-from mt5backupd.backup import BackupResult, pending_command, run_backup
+from mt5backupd.backup import BackupResult, pending_command, run_backup, run_repository
 from mt5backupd.config import Config
 from mt5backupd.daemon import JobOutcome
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, LockHeldError, Mt5BackupError
 
 
-def _record_failure(cfg: Config, job: str, started: datetime, t0: float, error: str) -> None:
-    state.record_run(cfg.local.dir, state.RunRecord(
-        job=job, id="", started=started.isoformat(), finished=datetime.now(UTC).isoformat(),
-        result="failure", duration_s=round(time.monotonic() - t0, 3), error=error))
-
-
-async def run_database(cfg: Config, *, show_progress: bool = False) -> BackupResult:
+async def _run_and_record(cfg: Config, job: str,
+                          run: Callable[[], Awaitable[BackupResult]]) -> BackupResult:
     started, t0 = datetime.now(UTC), time.monotonic()
     try:
-        result = await run_backup(cfg, show_progress=show_progress)
+        result = await run()
     except LockHeldError:
         raise
     except Mt5BackupError as exc:
-        _record_failure(cfg, "database", started, t0, str(exc))
+        state.record_run(cfg.local.dir, state.RunRecord(
+            job=job, id="", started=started.isoformat(),
+            finished=datetime.now(UTC).isoformat(), result="failure",
+            duration_s=round(time.monotonic() - t0, 3), error=str(exc)))
         raise
     outcome = ("success" if result.exit_code == EXIT_OK else
                "pending" if result.exit_code == EXIT_PENDING else "failure")
     state.record_run(cfg.local.dir, state.RunRecord(
-        job="database", id=result.id, started=started.isoformat(),
+        job=job, id=result.id, started=started.isoformat(),
         finished=datetime.now(UTC).isoformat(), result=outcome,
         duration_s=round(result.duration_s, 3), size=result.size, error=result.error),
         upload_retries=result.upload_retries, uploaded_bytes=result.uploaded_bytes)
     return result
+
+
+async def run_database(cfg: Config, *, show_progress: bool = False) -> BackupResult:
+    return await _run_and_record(cfg, "database",
+                                 lambda: run_backup(cfg, show_progress=show_progress))
 
 
 async def database_job(cfg: Config) -> JobOutcome:
@@ -46,6 +50,22 @@ async def database_job(cfg: Config) -> JobOutcome:
     return JobOutcome(result.exit_code == EXIT_OK, result.to_json())
 
 
+async def run_repository_now(cfg: Config) -> BackupResult:
+    return await _run_and_record(cfg, "repository", lambda: run_repository(cfg))
+
+
+async def repository_job(cfg: Config) -> JobOutcome:
+    result = await run_repository_now(cfg)
+    return JobOutcome(result.exit_code == EXIT_OK, result.to_json())
+
+
 async def upload_pending_job(cfg: Config) -> JobOutcome:
     done, left = await pending_command(cfg)
     return JobOutcome(left == 0, {"uploaded": done, "pending": left})
+
+
+DAEMON_JOBS = {
+    "database": database_job,
+    "repository": repository_job,
+    "upload_pending": upload_pending_job,
+}
