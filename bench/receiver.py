@@ -70,6 +70,7 @@ FREE_MARGIN_BYTES = 2 * GiB  # never fill the disk: skip a step that would leave
 RSS_TARGET_BYTES = 100 * MB
 RATIO_TARGET = 0.7
 SENDERS = ("aiohttp", "socket")
+INTERFERENCE_CORES = 0.2  # foreign load above this (in CPUs) makes the figures suspect
 
 
 # ---------------------------------------------------------------- small helpers
@@ -183,10 +184,20 @@ class DiskResult:
     fsync_s: float
     hashed: bool = False
     cold: bool = False
+    interference: Interference | None = None
+
+    @property
+    def total_s(self) -> float:
+        return self.write_s + self.fsync_s
 
     @property
     def rate(self) -> float:
-        return mb_s(self.size, self.write_s + self.fsync_s)
+        return mb_s(self.size, self.total_s)
+
+    @property
+    def others_cores(self) -> float:
+        i = self.interference
+        return i.others_s / self.total_s if i is not None and self.total_s > 0 else 0.0
 
 
 def _fill(path: Path, total: int, pool: bytes, hasher: Any = None,
@@ -231,11 +242,13 @@ def prewarm(directory: Path, total: int, pool: bytes) -> None:
 def disk_write(directory: Path, total: int, pool: bytes, *, hashed: bool,
                cold: bool = False) -> DiskResult:
     hasher = hashlib.sha256() if hashed else None
+    before = ProcCpu.snapshot()
     write_s, fsync_s = _fill(directory / "baseline.bin", total, pool, hasher)
+    interference = ProcCpu.snapshot().since(before, own_pids())
     label = "disk: sha256 + write + fsync" if hashed else "disk: write + fsync"
     if cold:
         label += " (cold)"
-    return DiskResult(label, total, write_s, fsync_s, hashed, cold)
+    return DiskResult(label, total, write_s, fsync_s, hashed, cold, interference)
 
 
 # ---------------------------------------------------------------- /proc readers
@@ -282,12 +295,70 @@ def minor_faults(pid: int) -> int:
     return int(_stat_fields(Path(f"/proc/{pid}/stat"))[7])
 
 
-def system_cpu() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat."""
-    tick = os.sysconf("SC_CLK_TCK")
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
-    return (user + nice + system + irq + softirq) / tick, steal / tick
+PF_KTHREAD = 0x00200000
+
+
+@dataclass(frozen=True)
+class ProcCpu:
+    """CPU seconds of every process on the machine, and the machine's steal time."""
+
+    cpu: dict[int, tuple[str, float, bool]]  # pid -> (comm, user + system s, kernel thread)
+    steal_s: float
+
+    @classmethod
+    def snapshot(cls) -> ProcCpu:
+        tick = os.sysconf("SC_CLK_TCK")
+        cpu: dict[int, tuple[str, float, bool]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+                fields = stat[stat.rindex(")") + 2 :].split()
+                cpu[int(entry.name)] = (comm, (int(fields[11]) + int(fields[12])) / tick,
+                                        bool(int(fields[6]) & PF_KTHREAD))
+        values = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        return cls(cpu, int(values[7]) / tick)
+
+    def since(self, before: ProcCpu, own: set[int]) -> Interference:
+        """CPU used between ``before`` and this snapshot by processes not in ``own``."""
+        users: dict[str, float] = {}
+        kthreads = 0.0
+        for pid, (comm, secs, kthread) in self.cpu.items():
+            if pid in own:
+                continue
+            delta = secs - before.cpu.get(pid, (comm, 0.0, kthread))[1]
+            if kthread:
+                kthreads += delta
+            elif delta > 0:
+                users[comm] = users.get(comm, 0.0) + delta
+        return Interference(sum(users.values()), kthreads, self.steal_s - before.steal_s,
+                            sorted(users.items(), key=lambda kv: -kv[1])[:3])
+
+
+@dataclass(frozen=True)
+class Interference:
+    others_s: float  # user processes that are neither this benchmark nor its receiver
+    kthreads_s: float  # kernel threads (writeback, page reporting, ksoftirqd, ...)
+    steal_s: float
+    top: list[tuple[str, float]]
+
+
+def own_pids(*extra: int) -> set[int]:
+    """This process and its children (the discard sink), plus ``extra`` pids."""
+    pids = {os.getpid(), *extra}
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(c) for c in (task / "children").read_text().split())
+    return pids
+
+
+def background_load(seconds: float = 2.0) -> Interference:
+    before = ProcCpu.snapshot()
+    time.sleep(seconds)
+    return ProcCpu.snapshot().since(before, own_pids())
 
 
 @dataclass
@@ -564,8 +635,7 @@ class UploadResult:
     cpu: CpuSplit
     client_cpu_s: float
     faults: int  # receiver minor page faults during the upload
-    other_cpu_s: float  # CPU used by everything else on the machine meanwhile
-    steal_s: float
+    interference: Interference  # CPU used by everything else on the machine meanwhile
 
     @property
     def rate(self) -> float:
@@ -574,6 +644,10 @@ class UploadResult:
     @property
     def peak_rss(self) -> int:
         return max(self.peak_rss_sampled, self.peak_rss_hwm or 0)
+
+    @property
+    def others_cores(self) -> float:
+        return self.interference.others_s / self.total_s if self.total_s > 0 else 0.0
 
 
 def upload(rx: Receiver, size: int, sender: str, block: bytes, sha256: str, seq: int,
@@ -591,7 +665,7 @@ def upload(rx: Receiver, size: int, sender: str, block: bytes, sha256: str, seq:
     hwm_reset = reset_peak_rss(rx.pid)
     time.sleep(0.2)
     idle = proc_status(rx.pid)["VmRSS"]
-    cpu0, faults0, sys0 = thread_cpu(rx.pid), minor_faults(rx.pid), system_cpu()
+    cpu0, faults0, machine0 = thread_cpu(rx.pid), minor_faults(rx.pid), ProcCpu.snapshot()
     client0 = time.process_time()
     with RssSampler(rx.pid) as sampler:
         t0 = time.perf_counter()
@@ -616,8 +690,7 @@ def upload(rx: Receiver, size: int, sender: str, block: bytes, sha256: str, seq:
     client_cpu = time.process_time() - client0
     cpu = CpuSplit.between(rx.pid, cpu0, thread_cpu(rx.pid))
     faults = minor_faults(rx.pid) - faults0
-    busy1, steal1 = system_cpu()
-    other = (busy1 - sys0[0]) - cpu.loop_s - cpu.workers_s - client_cpu
+    interference = ProcCpu.snapshot().since(machine0, own_pids(rx.pid))
     hwm = proc_status(rx.pid)["VmHWM"] if hwm_reset else None
     if not keep:
         status, deleted = rx.call("DELETE", f"/api/backup/{name}")
@@ -625,7 +698,7 @@ def upload(rx: Receiver, size: int, sender: str, block: bytes, sha256: str, seq:
             raise RuntimeError(f"delete: HTTP {status} {deleted}")
     return UploadResult(size, sender, "legacy POST" if legacy else "v1 PATCH+commit",
                         t_body - t0, t1 - t0, idle, sampler.peak, hwm, cpu, client_cpu, faults,
-                        max(0.0, other), steal1 - sys0[1])
+                        interference)
 
 
 # ---------------------------------------------------------------- reporting
@@ -671,6 +744,21 @@ class Report:
     ceilings: dict[str, list[float]] = field(default_factory=dict)
     uploads: list[UploadResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    background: Interference | None = None  # measured over 2 s before starting
+
+    def max_others_cores(self) -> float:
+        """The worst median load that foreign user processes put on any timed group."""
+        loads = [median([d.others_cores for d in runs]) for runs in self.disk_groups().values()]
+        loads += [g.med(lambda r: r.others_cores) for g in self.upload_groups()]
+        return max(loads, default=0.0)
+
+    def interference_note(self) -> str | None:
+        worst = self.max_others_cores()
+        if worst < INTERFERENCE_CORES:
+            return None
+        return (f"other processes used up to {worst:.2f} of {self.machine['nproc']} CPUs during "
+                "timed steps (median of a group): these figures are disturbed; rerun on a quiet "
+                "machine")
 
     def disk_groups(self) -> dict[tuple[str, int], list[DiskResult]]:
         groups: dict[tuple[str, int], list[DiskResult]] = {}
@@ -703,9 +791,10 @@ class Report:
             rates = [d.rate for d in runs]
             write_s = median([d.write_s for d in runs])
             fsync_s = median([d.fsync_s for d in runs])
+            others = median([d.others_cores for d in runs])
             out.append(f"  {label:<37} {fmt_bytes(size):>7} {median(rates):8.1f} MB/s "
                        f"{spread(rates):>11}  (write() {mb_s(size, write_s):6.0f} MB/s, "
-                       f"fsync {fsync_s:5.2f} s)")
+                       f"fsync {fsync_s:5.2f} s; others {others:4.2f} CPUs)")
         out.append(f"  {'sha256 alone (in memory)':<37} {'':>7} {self.sha_rate:8.1f} MB/s")
         if self.ceilings:
             out += ["", "== loopback ceiling: sender -> discard sink process, no receiver =="]
@@ -714,7 +803,7 @@ class Report:
         out += ["", "== receiver ingest: first PATCH byte -> commit response =="]
         out.append(f"  {'size':>5} {'sender':<7} {'endpoint':<15} {'MB/s':>6} {'min-max':>9} "
                    f"{'ratio':>5} {'RSS idle':>8} {'peak':>6} {'rx loop':>7} {'rx work':>7} "
-                   f"{'client':>6} {'faults':>7} {'other':>6} {'steal':>5}")
+                   f"{'client':>6} {'faults':>7} {'others':>6} {'kthr':>5} {'steal':>5}")
         for g in self.upload_groups():
             u = g.first
             out.append(
@@ -724,7 +813,9 @@ class Report:
                 f"{g.med(lambda r: r.cpu.loop_s):6.2f}s {g.med(lambda r: r.cpu.workers_s):6.2f}s "
                 f"{g.med(lambda r: r.client_cpu_s):5.2f}s "
                 f"{g.med(lambda r: r.faults / (r.size / GiB)):7.0f} "
-                f"{g.med(lambda r: r.other_cpu_s):5.2f}s {g.med(lambda r: r.steal_s):4.2f}s"
+                f"{g.med(lambda r: r.others_cores):6.2f} "
+                f"{g.med(lambda r: r.interference.kthreads_s):4.2f}s "
+                f"{g.med(lambda r: r.interference.steal_s):4.2f}s"
             )
         out += [
             "  ratio   = median receiver MB/s / median plain disk MB/s of the same size",
@@ -734,12 +825,21 @@ class Report:
             "  rx work = CPU s of its other threads (executor: write() + sha256, fsync)",
             "  client  = CPU s of this benchmark process (the sender)",
             "  faults  = receiver minor page faults per GiB received (4 KiB pages)",
-            "  other   = CPU s of everything else meanwhile: other processes and kernel threads",
-            "            (writeback, softirq, page reporting); steal = CPU s the hypervisor took",
+            "  others  = CPUs (average) used meanwhile by user processes that are not part of",
+            "            this benchmark (interference); kthr = CPU s of kernel threads (writeback,",
+            "            page reporting, ksoftirqd); steal = CPU s the hypervisor took",
             "  (all CPU and fault figures are medians over the runs)",
         ]
         out += [f"  skipped: {s}" for s in self.skipped]
         out += ["", "== verdict =="]
+        if self.background is not None:
+            b = self.background
+            top = ", ".join(f"{c} {t / 2:.2f}" for c, t in b.top) or "-"
+            out.append(f"  before start: other user processes used {b.others_s / 2:.2f} CPUs "
+                       f"(top: {top})")
+        note = self.interference_note()
+        if note:
+            out.append(f"  WARNING: {note}")
         for g in self.upload_groups():
             u = g.first
             ratio = g.rate / self.disk_rate(u.size)
@@ -784,6 +884,9 @@ class Report:
             )
         out += ["", f"Targets: ratio >= {RATIO_TARGET} (against the plain disk write of the same "
                 f"size); receiver peak RSS flat and under {RSS_TARGET_BYTES // MB} MB."]
+        note = self.interference_note()
+        if note:
+            out += ["", f"**Warning:** {note}."]
         if m.get("page reporting", "").startswith("yes"):
             out += ["", "This VM reports freed memory to its host (virtio-balloon free page "
                     "reporting): page cache filled from memory left free for a few seconds pays "
@@ -843,6 +946,11 @@ def run(args: argparse.Namespace, work: Path, report: Report) -> None:
     senders = list(SENDERS) if args.sender == "both" else [args.sender]
     print(f"work dir {work} ({report.machine['filesystem']}); "
           f"{shutil.disk_usage(work).free / GiB:.1f} GiB free", flush=True)
+
+    report.background = background_load(2.0)
+    if report.background.others_s / 2 >= INTERFERENCE_CORES:
+        top = ", ".join(f"{c} ({t / 2:.2f} CPUs)" for c, t in report.background.top)
+        print(f"WARNING: the machine is busy before start: {top}", flush=True)
 
     pool = os.urandom(RANDOM_POOL_BYTES)
     block = pool[:BODY_BLOCK_BYTES]

@@ -17,6 +17,7 @@ from mt5backupd.backup import BackupResult
 from mt5backupd.config import Config, load_config, resolve_config_path
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, Mt5BackupError
 from mt5backupd.logs import setup_logging
+from mt5backupd.tuning import tune_process
 
 
 def _add_common(p: argparse.ArgumentParser, *, top: bool) -> None:
@@ -167,6 +168,7 @@ def _cmd_receiver(args: argparse.Namespace, config: Config) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_process()
     verbose = bool(getattr(args, "verbose", False))
     try:
         if args.command == "demo":
