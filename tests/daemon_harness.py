@@ -72,6 +72,7 @@ class DaemonProcess:
                 return
             except (aiohttp.ClientError, OSError):
                 await asyncio.sleep(0.1)
+        await self.stop()  # never leave a daemon behind a failed test
         raise RuntimeError(f"daemon not up: {self.log()[-3000:]}")
 
     def log(self) -> str:

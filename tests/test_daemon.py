@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from mt5backupd.schedule import crontab_weekdays, make_trigger, missed_fire, nex
 from mt5backupd.sdnotify import Notifier
 from tests.backup_fixtures import BackupSetup
 from tests.daemon_harness import DaemonProcess, daemon_toml
+from tests.test_backup import process_gone
 
 REQUIRED = [
     "mt5backup_last_run_success", "mt5backup_last_success_timestamp_seconds",
@@ -128,6 +130,15 @@ def test_sd_notify_path_and_abstract_socket(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the real daemon
 
 
+@pytest.fixture
+async def daemons() -> AsyncIterator[list[DaemonProcess]]:
+    """Daemons a test starts; all stopped at teardown, whatever the test did."""
+    started: list[DaemonProcess] = []
+    yield started
+    for daemon in started:
+        await daemon.stop()
+
+
 async def wait_for(predicate: object, timeout_s: float, what: str) -> None:
     assert callable(predicate)
     deadline = asyncio.get_running_loop().time() + timeout_s
@@ -139,10 +150,12 @@ async def wait_for(predicate: object, timeout_s: float, what: str) -> None:
 
 
 async def test_scheduled_runs_update_metrics_and_health(backup_setup: BackupSetup,
-                                                        tmp_path: Path) -> None:
+                                                        tmp_path: Path,
+        daemons: list[DaemonProcess]) -> None:
     """Every name exists from start-up; a job every 3 s produces verified backups, /metrics and
     /health follow; a failing run turns /health 503 until the next good run."""
     daemon = DaemonProcess(tmp_path / "daemon.toml")
+    daemons.append(daemon)
     daemon.write_config(daemon_toml(backup_setup, database="*/3 * * * * *"))
     await daemon.start()
     try:
@@ -200,11 +213,13 @@ async def test_scheduled_runs_update_metrics_and_health(backup_setup: BackupSetu
 
 
 async def test_health_late_and_run_now_from_another_process(backup_setup: BackupSetup,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path,
+        daemons: list[DaemonProcess]) -> None:
     """A --run-now in another process shows in the daemon's next scrape; once the last
     success is older than max_age_s, /health is 503 "late"."""
     config = tmp_path / "daemon.toml"
     daemon = DaemonProcess(config)
+    daemons.append(daemon)
     daemon.write_config(daemon_toml(backup_setup, database="0 3 1 1 *", max_age_s=4))
     await daemon.start()
     try:
@@ -226,7 +241,8 @@ async def test_health_late_and_run_now_from_another_process(backup_setup: Backup
 
 
 async def test_systemd_notify_ready_watchdog_stopping(backup_setup: BackupSetup,
-                                                     tmp_path: Path) -> None:
+                                                     tmp_path: Path,
+        daemons: list[DaemonProcess]) -> None:
     """READY=1 after start-up, WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM,
     and exit 0."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -235,6 +251,7 @@ async def test_systemd_notify_ready_watchdog_stopping(backup_setup: BackupSetup,
     sock.setblocking(False)
     daemon = DaemonProcess(tmp_path / "daemon.toml",
                            env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+    daemons.append(daemon)
     daemon.write_config(daemon_toml(backup_setup, database="0 3 * * *"))
     loop = asyncio.get_running_loop()
     try:
@@ -281,11 +298,13 @@ def slow_pg_dump(tmp_path: Path, real: str) -> Path:
     return script
 
 
-async def test_sigterm_mid_dump_aborts_cleanly(backup_setup: BackupSetup, tmp_path: Path) -> None:
+async def test_sigterm_mid_dump_aborts_cleanly(backup_setup: BackupSetup, tmp_path: Path,
+        daemons: list[DaemonProcess]) -> None:
     """SIGTERM while a dump streams: exit 0 within the grace period (+ cleanup), no partial
     file, no pg_dump left, nothing committed or left half-uploaded on the receiver."""
     fake = slow_pg_dump(tmp_path, backup_setup.cfg.database.pg_dump)
     daemon = DaemonProcess(tmp_path / "daemon.toml")
+    daemons.append(daemon)
     daemon.write_config(daemon_toml(backup_setup, database="*/2 * * * * *", pg_dump=str(fake),
                                     grace_s=1.0, compression="none"))
     await daemon.start()
@@ -302,24 +321,23 @@ async def test_sigterm_mid_dump_aborts_cleanly(backup_setup: BackupSetup, tmp_pa
     assert not any(partial.iterdir())
     assert spool.load_manifests(backup_setup.cfg.local.dir) == []
     for pid in (tmp_path / "pids").read_text().split():
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(
-            f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert process_gone(int(pid))
     out = subprocess.run(["pgrep", "-f", f"dbname={backup_setup.dbname}"], capture_output=True,
                          text=True)
-    assert out.stdout.strip() == "" or all(
-        "Z" in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        for p in out.stdout.split() if Path(f"/proc/{p}").exists())
+    assert all(process_gone(int(p)) for p in out.stdout.split())
     assert list((backup_setup.receiver.cfg.data_dir / "partial").rglob("*.data")) == []
     assert not list((backup_setup.receiver.cfg.data_dir / "backups").rglob("meta.json"))
     assert "aborting it" in daemon.log()
 
 
 async def test_sighup_with_broken_config_keeps_running(backup_setup: BackupSetup,
-                                                       tmp_path: Path) -> None:
+                                                       tmp_path: Path,
+        daemons: list[DaemonProcess]) -> None:
     """SIGHUP with an invalid config logs the error and keeps the old one; a valid one
     reschedules."""
     config = tmp_path / "daemon.toml"
     daemon = DaemonProcess(config)
+    daemons.append(daemon)
     daemon.write_config(daemon_toml(backup_setup, database="0 3 * * *"))
     await daemon.start()
     try:
@@ -341,11 +359,13 @@ async def test_sighup_with_broken_config_keeps_running(backup_setup: BackupSetup
 
 
 async def test_missed_run_made_up_once_at_start(backup_setup: BackupSetup,
-                                                tmp_path: Path) -> None:
+                                                tmp_path: Path,
+        daemons: list[DaemonProcess]) -> None:
     """A daemon started 20 s after a scheduled time (within misfire_grace_s) runs it once."""
     missed = datetime.now(UTC) - timedelta(seconds=20)
     expr = f"{missed.second} {missed.minute} {missed.hour} * * *"
     daemon = DaemonProcess(tmp_path / "daemon.toml")
+    daemons.append(daemon)
     daemon.write_config(daemon_toml(backup_setup, database=expr).replace(
         "[schedule]\n", "[schedule]\nmisfire_grace_s = 300\n"))
     await daemon.start()
