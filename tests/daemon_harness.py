@@ -21,7 +21,7 @@ from tests.receiver_harness import free_port
 def daemon_toml(setup: BackupSetup, *, database: str, extra: str = "",
                 dbname: str | None = None, pg_dump: str | None = None, port: int = 0,
                 local_dir: Path | None = None, max_age_s: float = 3600.0,
-                grace_s: float = 5.0, compression: str = "zstd:3") -> str:
+                grace_s: float = 5.0, compression: str = "zstd:1") -> str:
     db = setup.cfg.database
     return (
         f'[database]\nhost = "{db.host}"\nport = {db.port}\nuser = "{db.user}"\n'
