@@ -298,44 +298,51 @@ async def send_following(
     """
     fd = os.open(source.path, os.O_RDONLY)  # the fd follows the file across its final rename
     delays = backoff_delays(max_retries, retry_delay_s)
-    failures = 0
+    failures = conflicts = 0
+    need_offset = progress.uid is not None  # resuming a recorded session: ask where it is
     try:
         while True:
-            offset_before = progress.offset
             try:
                 if progress.uid is None:
                     progress.uid = await client.create_upload(name, kind, None, metadata)
                     progress.offset = 0
-                elif failures:
-                    progress.offset = await client.upload_offset(progress.uid)
-                    progress.resumed_at.append(progress.offset)
-                    logger.info("resuming upload {} at offset {}", progress.uid, progress.offset)
+                elif need_offset:
+                    offset = await client.upload_offset(progress.uid)
+                    if offset > progress.offset:
+                        failures = 0  # data moved forward since the last failure
+                    progress.offset = offset
+                    progress.resumed_at.append(offset)
+                    logger.info("resuming upload {} at offset {}", progress.uid, offset)
+                need_offset = False
                 if source.closed and progress.offset >= source.size:
                     return progress
                 progress.offset = await client.append(
                     progress.uid, progress.offset,
                     _file_body(source, fd, progress.offset, progress))
-                failures = 0
+                failures = conflicts = 0
+                continue
             except OffsetConflict as exc:
                 progress.offset = exc.current
-                failures += 1
+                conflicts += 1
+                if conflicts <= 3:
+                    continue  # the receiver said where it is: go on from there at once
+                progress.last_error = "the receiver's offset keeps changing"
             except UploadGone:
                 logger.warning("receiver lost upload {}; starting it again from 0", progress.uid)
                 progress.uid = None
-                failures += 1
+                progress.last_error = "the receiver lost the upload session"
             except ReceiverUnavailable as exc:
                 progress.last_error = str(exc)
-                failures = 1 if progress.offset > offset_before else failures + 1
-            else:
-                continue
+                need_offset = True
+            failures += 1
             if failures > max_retries:
                 raise ReceiverUnavailable(
                     f"upload gave up after {max_retries} retries: {progress.last_error}")
-            delay_s = delays[min(failures, len(delays)) - 1] if delays else 0.0
+            delay_s = delays[failures - 1]
             progress.retries += 1
             progress.on_retry()
             logger.warning("upload retry {}/{} in {:.1f} s: {}", failures, max_retries, delay_s,
-                           progress.last_error or "offset/session changed")
+                           progress.last_error)
             await asyncio.sleep(delay_s)
     finally:
         os.close(fd)

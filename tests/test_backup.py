@@ -375,3 +375,34 @@ async def test_cli_run_now_json_and_legacy_env_file(backup_setup: BackupSetup,
     assert backup_setup.receiver.tokens.alice not in run.stdout + run.stderr
     files = final_files(tmp_path / "legacy-backups")
     assert any(f.endswith(".dump.zst") for f in files)
+
+
+async def test_upload_pending_resumes_recorded_session(backup_setup: BackupSetup) -> None:
+    """A pending backup whose session already holds part of the file is continued from the
+    receiver's offset, not sent again from zero."""
+    from mt5backupd.config import Secret
+    from mt5backupd.upload import ReceiverClient
+    from tests.receiver_harness import free_port
+
+    result = await run_backup(backup_setup.with_(remote={"url": f"http://127.0.0.1:{free_port()}"}))
+    assert result.upload_state == "pending"
+    assert result.file is not None
+    data = result.file.read_bytes()
+    half = len(data) // 2
+
+    async def first_half() -> object:
+        yield data[:half]
+
+    async with ReceiverClient(backup_setup.receiver.url,
+                              Secret(backup_setup.receiver.tokens.alice), timeout_s=10) as client:
+        uid = await client.create_upload(result.file.name, "database", None, {})
+        assert await client.append(uid, 0, first_half()) == half  # type: ignore[arg-type]
+    manifest = spool.load_manifests(backup_setup.cfg.local.dir)[-1]
+    manifest.upload["session"] = uid
+    spool.save_manifest(backup_setup.cfg.local.dir, manifest)
+    received_before = backup_setup.receiver.metrics.bytes_received._value.get()
+    assert await pending_command(backup_setup.cfg) == (1, 0)
+    received = backup_setup.receiver.metrics.bytes_received._value.get() - received_before
+    assert received == len(data) - half
+    remote = {b["id"]: b for b in await remote_list(backup_setup)}
+    assert remote[result.file.name]["sha256"] == result.sha256
