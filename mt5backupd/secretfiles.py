@@ -43,30 +43,29 @@ def _credential(name: str, env: Mapping[str, str]) -> Path | None:
     return None
 
 
-def database_password(cfg: DatabaseConfig, env: Mapping[str, str] | None = None) -> Secret | None:
-    """password_file, else the systemd credential ``db-password``, else legacy POSTGRES_PASSWORD."""
+def _secret(file: Path | None, key: str, credential: str, legacy: Secret | None,
+            env: Mapping[str, str] | None) -> Secret | None:
+    """The configured file, else the systemd credential, else the legacy variable's value."""
     env = os.environ if env is None else env
-    if cfg.password_file is not None:
-        return read_secret_file(cfg.password_file, "[database] password_file")
-    cred = _credential(CREDENTIAL_DB_PASSWORD, env)
+    if file is not None:
+        return read_secret_file(file, key)
+    cred = _credential(credential, env)
     if cred is not None:
         return read_secret_file(cred, "credential")
-    if cfg.password is not None:
-        register_secret(cfg.password.reveal())
-    return cfg.password
+    if legacy is not None:
+        register_secret(legacy.reveal())
+    return legacy
+
+
+def database_password(cfg: DatabaseConfig, env: Mapping[str, str] | None = None) -> Secret | None:
+    """password_file, else the systemd credential ``db-password``, else legacy POSTGRES_PASSWORD."""
+    return _secret(cfg.password_file, "[database] password_file", CREDENTIAL_DB_PASSWORD,
+                   cfg.password, env)
 
 
 def remote_token(cfg: RemoteConfig, env: Mapping[str, str] | None = None) -> Secret | None:
     """token_file, else the systemd credential ``remote-token``, else legacy BACKUP_API_TOKEN."""
-    env = os.environ if env is None else env
-    if cfg.token_file is not None:
-        return read_secret_file(cfg.token_file, "[remote] token_file")
-    cred = _credential(CREDENTIAL_REMOTE_TOKEN, env)
-    if cred is not None:
-        return read_secret_file(cred, "credential")
-    if cfg.token is not None:
-        register_secret(cfg.token.reveal())
-    return cfg.token
+    return _secret(cfg.token_file, "[remote] token_file", CREDENTIAL_REMOTE_TOKEN, cfg.token, env)
 
 
 def check_pgpass(env: Mapping[str, str] | None = None) -> Path | None:
