@@ -23,15 +23,20 @@ loopback:
    ``/usr/bin/time -v`` (maximum over the process and the children it reaped, pg_dump
    included) when installed, plus the Python process's own VmHWM polled from /proc
    (target: flat, under 80 MB).
-6. **Compression table** (unless ``--skip-table``): stored size, wall time and ratio to A of
-   ``--run-now`` with none, gzip:1/6/9 and zstd:1/3/6/9/12, plus the shell pipeline
-   ``pg_dump -Z0 | zstd -T2 -3 > /dev/null`` for reference.
+6. **Compression table** (unless ``--skip-table``): stored size, wall time, ratio to A and
+   peak RSS of ``--run-now`` with none, gzip:1/6/9 and zstd:1/3/4/5/6/9/12 (zstd:12 skipped
+   when zstd:9 already took over 4x A), the default level with ``compression_threads`` 1 and 0,
+   plus the shell pipeline ``pg_dump -Z0 | zstd -T2 -3 > /dev/null`` for reference.
 
 For every timed command it also records where the CPU went (polled from /proc): the
 mt5backupd Python process (event-loop thread and every other thread: the pump, zstd workers,
-executor), pg_dump, pg_restore, the PostgreSQL backend and the receiver. Everything lives in
-one temp dir on the disk of ``--dir`` (default /var/tmp), removed at the end with the receiver
-and the cluster stopped, unless ``--keep-dir``. 1 MB = 10^6 bytes; 1 MiB = 2^20 bytes.
+executor), pg_dump, pg_restore, the PostgreSQL backend, the receiver, and everything else on
+the machine ("other processes"). The machine may be shared: before each step the script waits
+(``--quiet-timeout-s``) for it to be idle, and a step during which other processes used a
+noticeable share of the CPU is measured again (``--max-attempts``); what remains is listed as
+noise. Everything lives in one temp dir on the disk of ``--dir`` (default /var/tmp), removed at
+the end with the receiver and the cluster stopped, unless ``--keep-dir``. 1 MB = 10^6 bytes;
+1 MiB = 2^20 bytes.
 """
 
 from __future__ import annotations
@@ -56,17 +61,18 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import asyncpg
 import zstandard
 
 from mt5backupd import __version__
-from mt5backupd.config import DEFAULT_COMPRESSION, parse_compression
+from mt5backupd.config import DEFAULT_COMPRESSION, DatabaseConfig, parse_compression
 from mt5backupd.pgcluster import PgCluster
 from mt5backupd.receiver import auth
 from mt5backupd.sampledata import data_bytes, generate
 
+T = TypeVar("T")
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -85,8 +91,18 @@ TARGET_OVERHEAD = 1.05  # --run-now gzip:6 / bare -Z6 dump
 TARGET_RSS_BYTES = 80 * MB
 RSS_FLAT_TOLERANCE = 1.15  # main-size peak within 15% of the quarter-size peak counts as flat
 
-TABLE_COMPRESSIONS = ("none", "gzip:1", "gzip:6", "gzip:9", "zstd:1", "zstd:3", "zstd:6",
-                      "zstd:9", "zstd:12")
+TABLE_COMPRESSIONS = ("none", "gzip:1", "gzip:6", "gzip:9", "zstd:1", "zstd:3", "zstd:4",
+                      "zstd:5", "zstd:6", "zstd:9", "zstd:12")
+# Every row runs with the default [database] compression_threads; the default level also runs
+# with the other thread counts (zstd worker threads cost CPU on two cores, and their job buffers
+# are most of the process's memory).
+DEFAULT_THREADS = DatabaseConfig().compression_threads
+THREAD_VARIANTS = tuple((DEFAULT_COMPRESSION, t) for t in (2, 1, 0) if t != DEFAULT_THREADS)
+TABLE_ROWS: tuple[tuple[str, str, int | None], ...] = (
+    *((c, c, None) for c in TABLE_COMPRESSIONS),
+    *((f"{c} threads={t}", c, t) for c, t in THREAD_VARIANTS),
+)
+MAX_ATTEMPTS = 3  # a step disturbed by other processes is measured again, up to this often
 SLOW_LEVEL = "zstd:12"
 SLOW_SKIP_RATIO = 4.0  # skip zstd:12 when zstd:9 already took this many times A
 
@@ -302,15 +318,16 @@ class TreeSampler:
             if st is None:
                 continue
             t.comm, t.cpu = st[0], st[2]
+            if t.group == "run" and self.python_pid is None and t.comm.startswith("python"):
+                self.python_pid = pid  # seen first between fork and exec (as "time")
             if t.group == "run":
                 hwm, rss = read_mem(pid)
                 t.hwm = max(t.hwm, hwm)
                 tree_rss += rss
         self.tree_rss_peak = max(self.tree_rss_peak, tree_rss)
         if self.python_pid is not None:
-            threads = thread_cpu(self.python_pid)
-            if threads:
-                self.threads = threads
+            # merged, not replaced: threads that exit (zstd workers, executor) keep their total
+            self.threads.update(thread_cpu(self.python_pid))
         self.samples += 1
 
     def _loop(self) -> None:
@@ -352,6 +369,8 @@ class CpuProfile:
     tools: float = 0.0  # sha256sum, curl, zstd in the legacy/shell flows
     postgres: float = 0.0  # the backend serving pg_dump (and anything else the cluster did)
     receiver: float = 0.0
+    foreign: float = 0.0  # CPU of everything else on the machine (other users' jobs) meanwhile
+    steal: float = 0.0  # time the hypervisor gave our vCPUs to someone else
 
     @classmethod
     def from_sampler(cls, s: TreeSampler) -> CpuProfile:
@@ -366,7 +385,7 @@ class CpuProfile:
         python = s.cpu_by("run", "python")
         dump = s.cpu_by("run", "pg_dump")
         restore = s.cpu_by("run", "pg_restore")
-        tools = s.cpu_by("run") - python - dump - restore
+        tools = max(0.0, s.cpu_by("run") - python - dump - restore)
         return cls(loop, sorted(others, reverse=True), python, dump, restore, tools,
                    s.cpu_by("postgres"), s.cpu_by("receiver"))
 
@@ -388,7 +407,36 @@ class CpuProfile:
             parts.append(f"tools {self.tools:.1f}")
         parts.append(f"postgres {self.postgres:.1f}")
         parts.append(f"receiver {self.receiver:.1f}")
-        return f"CPU s: {', '.join(parts)}; total {self.total:.1f}"
+        noise = f"; other processes {self.foreign:.1f}"
+        if self.steal >= 0.1:
+            noise += f", steal {self.steal:.1f}"
+        return f"CPU s: {', '.join(parts)}; total {self.total:.1f}{noise}"
+
+
+def cpu_times() -> tuple[float, float]:
+    """Machine-wide (busy, steal) CPU seconds from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def wait_quiet(timeout_s: float, window_s: float = 2.0, max_cores: float = 0.15) -> float:
+    """Wait until the machine is idle (busy < ``max_cores`` over ``window_s``), at most
+    ``timeout_s``: other people's tests and benchmarks on a shared box would skew a timing.
+    Returns the busy fraction of the last window (cores)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy0, _ = cpu_times()
+        time.sleep(window_s)
+        busy = (cpu_times()[0] - busy0) / window_s
+        if busy < max_cores or time.monotonic() >= deadline:
+            return busy
+
+
+def is_disturbed(cpu: CpuProfile, wall_s: float) -> bool:
+    """Other processes (or the hypervisor) took a noticeable share of the CPU meanwhile."""
+    return cpu.foreign > max(0.3, 0.05 * wall_s) or cpu.steal > 0.05 * wall_s
 
 
 # ---------------------------------------------------------------- running measured commands
@@ -404,6 +452,11 @@ class Timed:
     pg_dump_hwm: int = 0
     tree_rss_peak: int = 0
     samples: int = 0
+    busy_before: float = 0.0  # cores busy just before the step (after waiting for quiet)
+
+    @property
+    def disturbed(self) -> bool:
+        return is_disturbed(self.cpu, self.wall_s)
 
     @property
     def max_rss(self) -> int | None:
@@ -440,6 +493,7 @@ class Bench:
         self.prewarm_bytes = 0
         self.seq = 0
         self.env = clean_env()
+        self.busy_before = 0.0
 
     # -- cluster -------------------------------------------------------------------------
 
@@ -530,6 +584,9 @@ class Bench:
         """Before each timed step: flush earlier writes, then (unless --no-prewarm) fill and
         drop page cache so the step runs on host-backed memory (see the markdown note)."""
         os.sync()
+        self.busy_before = wait_quiet(self.args.quiet_timeout_s) if self.args.quiet_timeout_s else 0
+        if self.busy_before >= 0.15:
+            log(f"   (machine still busy: {self.busy_before:.2f} cores used by others)")
         if self.args.no_prewarm or not self.prewarm_bytes:
             return
         path = self.work / "prewarm.bin"
@@ -556,6 +613,8 @@ class Bench:
         err_path = stderr_path or self.work / f"stderr-{self.seq}.txt"
         full = [GNU_TIME, "-v", "-o", str(time_file), *argv] if self.gnu_time else list(argv)
         others = {"postgres": self.cluster.pid or 0, "receiver": self.rx_pid}
+        busy0, steal0 = cpu_times()
+        self0 = time.process_time()
         with err_path.open("ab") as err:
             t0 = time.perf_counter()
             first = subprocess.Popen(full, stdout=subprocess.PIPE if pipe_into else stdout,
@@ -582,18 +641,45 @@ class Bench:
         if check and (rc != 0 or rc2 != 0):
             tail = err_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{label}: exit status {rc}/{rc2}: {tail}")
+        busy1, steal1 = cpu_times()
+        profile = CpuProfile.from_sampler(sampler)
+        ours = profile.total + time.process_time() - self0  # this script: sampler, waits
+        profile.foreign = max(0.0, busy1 - busy0 - ours)
+        profile.steal = steal1 - steal0
         time_v = parse_time_v(time_file) if self.gnu_time else {}
-        return Timed(label, wall, CpuProfile.from_sampler(sampler), time_v,
-                     sampler.hwm_of("python"), sampler.hwm_of("pg_dump"),
-                     sampler.tree_rss_peak, sampler.samples)
+        busy_before, self.busy_before = self.busy_before, 0.0
+        return Timed(label, wall, profile, time_v, sampler.hwm_of("python"),
+                     sampler.hwm_of("pg_dump"), sampler.tree_rss_peak, sampler.samples,
+                     busy_before)
+
+    def measure(self, fn: Callable[[], T], timed_of: Callable[[T], Timed]) -> T:
+        """``fn()``, again (up to --max-attempts) while other processes disturbed it; the least
+        disturbed attempt counts."""
+        attempts: list[T] = []
+        for _ in range(max(1, self.args.max_attempts)):
+            result = fn()
+            attempts.append(result)
+            t = timed_of(result)
+            if not t.disturbed:
+                return result
+            log(f"   (disturbed: {t.label} {t.wall_s:.2f} s while other processes used "
+                f"{t.cpu.foreign:.1f} CPU s; measuring again)")
+        return min(attempts, key=lambda r: timed_of(r).cpu.foreign)
 
     def bare_dump(self, level: int, db: str = MAIN_DB) -> Timed:
+        return self.measure(lambda: self._bare_dump(level, db), lambda t: t)
+
+    def _bare_dump(self, level: int, db: str) -> Timed:
         self.settle()
         return self.timed(f"pg_dump -Fc -Z{level} > /dev/null",
                           [self.pg_bin("pg_dump"), "-Fc", f"-Z{level}", "-d", db],
                           env=self.pg_env(db))
 
-    def run_now(self, compression: str, db: str = MAIN_DB) -> RunNow:
+    def run_now(self, compression: str, db: str = MAIN_DB,
+                threads: int | None = None) -> RunNow:
+        return self.measure(lambda: self._run_now(compression, db, threads), lambda r: r.timed)
+
+    def _run_now(self, compression: str, db: str, threads: int | None) -> RunNow:
         self.seq += 1
         run_dir = self.work / f"run-{self.seq}"
         spool_dir = run_dir / "spool"
@@ -609,7 +695,8 @@ class Bench:
             f'pg_dump = "{self.pg_bin("pg_dump")}"\n'
             f'pg_restore = "{self.pg_bin("pg_restore")}"\n'
             f'compression = "{compression}"\n'
-            "[local]\n"
+            + (f"compression_threads = {threads}\n" if threads is not None else "")
+            + "[local]\n"
             f'dir = "{spool_dir}"\n'
             "keep = 1\n"
             "[remote]\n"
@@ -621,7 +708,8 @@ class Bench:
         out_path = run_dir / "result.json"
         with out_path.open("wb") as out:
             timed = self.timed(
-                f"--run-now {compression}",
+                f"--run-now {compression}" + (f" threads={threads}" if threads is not None
+                                               else ""),
                 [sys.executable, "-m", "mt5backupd", "--run-now", "--json", "--config",
                  str(config)],
                 env=self.env, stdout=out, stderr_path=run_dir / "stderr.log", check=False)
@@ -639,7 +727,8 @@ class Bench:
         if remote_size != int(result["size"]):
             raise RuntimeError(f"receiver holds {remote_size} bytes, local {result['size']}")
         run = RunNow(
-            compression=compression, db=db, timed=timed, size=int(result["size"]),
+            compression=compression, db=db, threads=threads, timed=timed,
+            size=int(result["size"]),
             raw_bytes=int(result["raw_bytes"]), duration_s=float(result["duration_s"]),
             dump_duration_s=float(manifest.get("dump_duration_s", result["dump_duration_s"])),
         )
@@ -653,6 +742,7 @@ class Bench:
 class RunNow:
     compression: str
     db: str
+    threads: int | None  # [database] compression_threads; None: the default
     timed: Timed
     size: int
     raw_bytes: int
@@ -662,6 +752,10 @@ class RunNow:
     @property
     def wall_s(self) -> float:
         return self.timed.wall_s
+
+    @property
+    def key(self) -> str:
+        return self.compression + (f" threads={self.threads}" if self.threads is not None else "")
 
     @property
     def rss(self) -> int:
@@ -692,8 +786,12 @@ def best_run(runs: Sequence[RunNow]) -> RunNow:
 
 
 def legacy_flow(b: Bench) -> Legacy:
+    return b.measure(lambda: _legacy_flow(b), lambda lg: lg.dump)
+
+
+def _legacy_flow(b: Bench) -> Legacy:
     legacy_dir = b.work / "legacy"
-    legacy_dir.mkdir()
+    legacy_dir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d_%H%M%S")
     path = legacy_dir / f"{MAIN_DB}_{stamp}.dump"
     b.settle()
@@ -722,6 +820,10 @@ def shell_zstd(b: Bench) -> Timed | None:
     zstd = shutil.which("zstd")
     if zstd is None:
         return None
+    return b.measure(lambda: _shell_zstd(b, zstd), lambda t: t)
+
+
+def _shell_zstd(b: Bench, zstd: str) -> Timed:
     b.settle()
     return b.timed("pg_dump -Fc -Z0 | zstd -T2 -3 > /dev/null",
                    [b.pg_bin("pg_dump"), "-Fc", "-Z0", "-d", MAIN_DB], env=b.pg_env(MAIN_DB),
@@ -780,6 +882,29 @@ class Report:
         runs += [r for r in self.table.values() if r not in runs]
         return runs
 
+    def all_timed(self) -> list[Timed]:
+        steps = [*self.baseline, *self.bare_z6, *(r.timed for r in self.all_runs())]
+        if self.legacy is not None:
+            steps += [self.legacy.dump, self.legacy.sha, self.legacy.upload]
+        if self.shell is not None:
+            steps.append(self.shell)
+        return steps
+
+    def disturbed(self) -> list[Timed]:
+        """Steps during which other processes took a noticeable share of the CPU."""
+        return [t for t in self.all_timed() if t.disturbed]
+
+    def noise_line(self) -> str:
+        steps = self.all_timed()
+        total = sum(t.cpu.foreign for t in steps)
+        worst = max(steps, key=lambda t: t.cpu.foreign)
+        bad = self.disturbed()
+        text = (f"other processes used {total:.1f} CPU s during the {len(steps)} timed steps "
+                f"(most: {worst.cpu.foreign:.1f} s during {worst.label!r})")
+        if bad:
+            text += "; disturbed: " + ", ".join(f"{t.label} ({t.cpu.foreign:.1f} s)" for t in bad)
+        return text
+
     def meets_all(self, run: RunNow) -> tuple[bool, bool]:
         time_ok = ratio(run.wall_s, self.a_s) <= TARGET_DEFAULT_RATIO
         size_ok = (self.legacy is not None
@@ -787,7 +912,7 @@ class Report:
         return time_ok, size_ok
 
     def candidates(self) -> list[RunNow]:
-        rows = {r.compression: r for r in [*self.table.values(), self.ours()]}
+        rows = {r.key: r for r in [*self.table.values(), self.ours()]}
         return [r for r in rows.values() if all(self.meets_all(r))]
 
     def recommendation(self) -> str:
@@ -796,8 +921,8 @@ class Report:
             return ("no measured compression meets both the time and the size target on this "
                     "machine; see the CPU profile")
         pick = min(good, key=lambda r: (r.size, r.wall_s))
-        names = ", ".join(sorted(r.compression for r in good))
-        return (f"{pick.compression} (smallest stored size among those meeting both targets: "
+        names = ", ".join(sorted(r.key for r in good))
+        return (f"{pick.key} (smallest stored size among those meeting both targets: "
                 f"{names})")
 
     # -- text ----------------------------------------------------------------------------
@@ -821,7 +946,8 @@ class Report:
 
         ours = self.ours()
         r_def = ratio(ours.wall_s, a)
-        out += ["", f"== 2. mt5backupd --run-now, default compression {self.default} =="]
+        out += ["", f"== 2. mt5backupd --run-now, default compression {self.default} "
+                f"(compression_threads {DEFAULT_THREADS}) =="]
         for r in self.default_runs:
             out.append(f"  run {r.wall_s:7.2f} s  (run's duration_s {r.duration_s:.2f}, "
                        f"manifest dump_duration_s {r.dump_duration_s:.2f})  "
@@ -876,22 +1002,25 @@ class Report:
                        f"{verdict(max(peak, small) < TARGET_RSS_BYTES)}")
 
         if self.table:
-            out += ["", "== 6. compression choices via --run-now =="]
-            out.append(f"  {'compression':<12} {'stored MB':>10} {'wall s':>8} {'ratio A':>8} "
-                       f"{'vs legacy':>9} {'dump s':>7}  CPU")
-            for name in TABLE_COMPRESSIONS:
+            out += ["", "== 6. compression choices via --run-now (compression_threads = "
+                    f"{DEFAULT_THREADS} unless named) =="]
+            out.append(f"  {'compression':<18} {'stored MB':>10} {'wall s':>8} {'ratio A':>8} "
+                       f"{'vs legacy':>9} {'dump s':>7} {'RSS MB':>7}  CPU")
+            for name, _c, _t in TABLE_ROWS:
                 row = self.table.get(name)
                 if row is None:
                     continue
                 vs = ratio(row.size, self.legacy.size) if self.legacy else float("nan")
-                out.append(f"  {name:<12} {row.size / MB:10.1f} {row.wall_s:8.2f} "
-                           f"{ratio(row.wall_s, a):8.2f} {vs:9.3f} {row.dump_duration_s:7.2f}"
+                out.append(f"  {name:<18} {row.size / MB:10.1f} {row.wall_s:8.2f} "
+                           f"{ratio(row.wall_s, a):8.2f} {vs:9.3f} {row.dump_duration_s:7.2f} "
+                           f"{row.rss / MB:7.1f}"
                            f"  {row.timed.cpu.line()}")
             if self.shell is not None:
                 out.append(f"  shell: pg_dump -Fc -Z0 | zstd -T2 -3 > /dev/null "
                            f"{self.shell.wall_s:.2f} s (ratio A {ratio(self.shell.wall_s, a):.2f})"
                            f"  {self.shell.cpu.line()}")
         out += [f"  skipped: {s}" for s in self.skipped]
+        out += ["", f"  noise: {self.noise_line()}"]
         out += ["", "== verdict ==",
                 f"  default {self.default}: {r_def:.2f}x A "
                 f"({verdict(r_def <= TARGET_DEFAULT_RATIO)} <= {TARGET_DEFAULT_RATIO})"]
@@ -917,28 +1046,29 @@ class Report:
             f"at --size-mb {self.size_mb:g} ({main_mb:.0f} MB of table data, pg_dump -Fc -Z0 "
             f"output {ours.raw_bytes / MB:.0f} MB). PostgreSQL, mt5backupd and the receiver all "
             "run on this one machine (receiver over loopback), so the receiver's CPU competes "
-            f"with the dump. Wall times are best of {self.repeat} where marked (×{self.repeat}), "
+            f"with the dump. Wall times are best of {self.repeat} where marked (x{self.repeat}), "
             "else one run; `--run-now` times are the whole process (interpreter start-up, "
             "preflight, dump, pg_restore --list, upload, commit). 1 MB = 10^6 bytes.",
             "",
             "| Measurement | Wall s | Ratio | Target | Stored MB |",
             "|---|---:|---:|---|---:|",
-            f"| A: `pg_dump -Fc -Z0 > /dev/null` (×{len(self.baseline)}) | {a:.1f} | 1.00 | | |",
+            f"| A: `pg_dump -Fc -Z0 > /dev/null` (x{len(self.baseline)}) | {a:.1f} | 1.00 | | |",
         ]
         r_def = ratio(ours.wall_s, a)
-        out.append(f"| `--run-now`, default `{self.default}` (×{len(self.default_runs)}) | "
-                   f"{ours.wall_s:.1f} | {r_def:.2f} × A | <= {TARGET_DEFAULT_RATIO} "
+        out.append(f"| `--run-now`, default `{self.default}`, compression_threads "
+                   f"{DEFAULT_THREADS} (x{len(self.default_runs)}) | "
+                   f"{ours.wall_s:.1f} | {r_def:.2f} x A | <= {TARGET_DEFAULT_RATIO} "
                    f"({verdict(r_def <= TARGET_DEFAULT_RATIO)}) | {ours.size / MB:.0f} |")
         out.append(f"| ... its manifest `dump_duration_s` | {ours.dump_duration_s:.1f} | "
-                   f"{ratio(ours.dump_duration_s, a):.2f} × A | | |")
+                   f"{ratio(ours.dump_duration_s, a):.2f} x A | | |")
         if self.legacy is not None:
             lg = self.legacy
             speed = ratio(lg.total_s, ours.wall_s)
             size_r = ratio(ours.size, lg.size)
             out.append(f"| legacy: `pg_dump -Fc -Z9 -f`, `sha256sum`, `curl -F` | "
                        f"{lg.total_s:.1f} ({lg.dump.wall_s:.1f} + {lg.sha.wall_s:.1f} + "
-                       f"{lg.upload.wall_s:.1f}) | {speed:.1f}× slower than ours | >= "
-                       f"{TARGET_LEGACY_SPEEDUP:g}× ({verdict(speed >= TARGET_LEGACY_SPEEDUP)}) "
+                       f"{lg.upload.wall_s:.1f}) | {speed:.1f}x slower than ours | >= "
+                       f"{TARGET_LEGACY_SPEEDUP:g}x ({verdict(speed >= TARGET_LEGACY_SPEEDUP)}) "
                        f"| {lg.size / MB:.0f} |")
             out.append(f"| stored size ours / legacy | | {size_r:.2f} | <= {TARGET_SIZE_RATIO} "
                        f"({verdict(size_r <= TARGET_SIZE_RATIO)}) | |")
@@ -946,10 +1076,10 @@ class Report:
             z6 = best(self.bare_z6)
             g6 = best_run(self.gzip6_runs)
             over = ratio(g6.wall_s, z6.wall_s)
-            out.append(f"| bare `pg_dump -Fc -Z6 > /dev/null` (×{len(self.bare_z6)}) | "
+            out.append(f"| bare `pg_dump -Fc -Z6 > /dev/null` (x{len(self.bare_z6)}) | "
                        f"{z6.wall_s:.1f} | | | |")
-            out.append(f"| `--run-now`, `gzip:6` (×{len(self.gzip6_runs)}) | {g6.wall_s:.1f} | "
-                       f"{over:.3f} × bare -Z6 | <= {TARGET_OVERHEAD} "
+            out.append(f"| `--run-now`, `gzip:6` (x{len(self.gzip6_runs)}) | {g6.wall_s:.1f} | "
+                       f"{over:.3f} x bare -Z6 | <= {TARGET_OVERHEAD} "
                        f"({verdict(over <= TARGET_OVERHEAD)}) | {g6.size / MB:.0f} |")
         rss_rows = [ours] + ([self.small_run] if self.small_run else [])
         rss = " / ".join(f"{r.rss / MB:.0f} MB ({r.raw_bytes / MB:.0f} MB dump)"
@@ -959,22 +1089,24 @@ class Report:
         out.append(f"| peak RSS of `--run-now` ({how}) | | {rss} | flat, < "
                    f"{TARGET_RSS_BYTES // MB} MB ({verdict(peak < TARGET_RSS_BYTES)}) | |")
         if self.table:
-            out += ["", "Compression choices (`--run-now`, one run each unless measured above):",
-                    "", "| compression | stored MB | wall s | ratio to A | size / legacy -Z9 |",
-                    "|---|---:|---:|---:|---:|"]
-            for name in TABLE_COMPRESSIONS:
+            out += ["", "Compression choices (`--run-now` with the default `compression_threads = "
+                    f"{DEFAULT_THREADS}` unless named; one run each unless measured above):",
+                    "", "| compression | stored MB | wall s | ratio to A | size / legacy -Z9 | "
+                    "peak RSS MB |", "|---|---:|---:|---:|---:|---:|"]
+            for name, _c, _t in TABLE_ROWS:
                 row = self.table.get(name)
                 if row is None:
                     continue
                 vs = f"{ratio(row.size, self.legacy.size):.2f}" if self.legacy else ""
                 mark = " (default)" if name == self.default else ""
                 out.append(f"| `{name}`{mark} | {row.size / MB:.0f} | {row.wall_s:.1f} | "
-                           f"{ratio(row.wall_s, a):.2f} | {vs} |")
+                           f"{ratio(row.wall_s, a):.2f} | {vs} | {row.rss / MB:.0f} |")
             if self.shell is not None:
                 out.append(f"| shell `pg_dump -Z0 \\| zstd -T2 -3 > /dev/null` | | "
-                           f"{self.shell.wall_s:.1f} | {ratio(self.shell.wall_s, a):.2f} | |")
+                           f"{self.shell.wall_s:.1f} | {ratio(self.shell.wall_s, a):.2f} | | |")
         if self.skipped:
             out += ["", "Skipped: " + "; ".join(self.skipped) + "."]
+        out += ["", f"Noise: {self.noise_line()}."]
         if self.legacy is not None:
             out += ["", f"Recommended default: {self.recommendation()}."]
         if self.prewarm and m.get("page reporting", "").startswith("yes"):
@@ -1003,6 +1135,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dir", type=Path, default=Path("/var/tmp"),
                    help="parent of the temp dir; everything is written on its filesystem "
                         "(default /var/tmp)")
+    p.add_argument("--max-attempts", type=int, default=MAX_ATTEMPTS,
+                   help="measure a step again while other processes disturbed it (used more "
+                        f"than 0.3 CPU s / 5%% of its wall time), at most this often "
+                        f"(default {MAX_ATTEMPTS})")
+    p.add_argument("--quiet-timeout-s", type=float, default=180.0,
+                   help="before each timed step, wait up to this long for the machine to be "
+                        "idle (other jobs skew timings); 0 disables (default 180)")
     p.add_argument("--no-prewarm", action="store_true",
                    help="do not fill and drop page cache before each timed step")
     args = p.parse_args(argv)
@@ -1026,7 +1165,7 @@ def run(b: Bench, report: Report) -> None:
     for db, (took, size) in report.databases.items():
         say(f"{db}: {fmt_mb(size)} in {took:.1f} s")
     os.sync()
-    b.prewarm_bytes = min(2 * report.databases[MAIN_DB][1], 4 * GiB)
+    b.prewarm_bytes = min(report.databases[MAIN_DB][1], 2 * GiB)
     if shutil.disk_usage(b.work).free < 4 * report.databases[MAIN_DB][1] + FREE_MARGIN_BYTES:
         raise RuntimeError(f"not enough free space in {b.work}")
     b.start_receiver()
@@ -1069,7 +1208,7 @@ def run(b: Bench, report: Report) -> None:
         report.skipped.append("compression table (--skip-table)")
         return
     say = step("6. compression table via --run-now")
-    for name in TABLE_COMPRESSIONS:
+    for name, compression, threads in TABLE_ROWS:
         if name in report.table:
             continue
         if name == SLOW_LEVEL and "zstd:9" in report.table:
@@ -1078,10 +1217,10 @@ def run(b: Bench, report: Report) -> None:
                 report.skipped.append(f"{name}: zstd:9 already took "
                                       f"{ratio(z9.wall_s, report.a_s):.1f}x A")
                 continue
-        parse_compression(name)
-        r = b.run_now(name)
+        parse_compression(compression)
+        r = b.run_now(compression, threads=threads)
         report.table[name] = r
-        say(f"{name:<8} {fmt_mb(r.size):>10} {r.wall_s:7.2f} s ({ratio(r.wall_s, report.a_s):.2f}"
+        say(f"{name:<16} {fmt_mb(r.size):>10} {r.wall_s:7.2f} s ({ratio(r.wall_s, report.a_s):.2f}"
             f" x A)  {r.timed.cpu.line()}")
     report.shell = shell_zstd(b)
     if report.shell is None:

@@ -403,8 +403,13 @@ async def _ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
     try:
         stats = await spec.produce(spooled)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, spooled.sync)
-        await spec.verify(spooled.path)
+        # the read-back check reads from the page cache; it need not wait for the flush (but
+        # both must be over before the file is discarded or published)
+        outcomes = await asyncio.gather(loop.run_in_executor(None, spooled.sync),
+                                        spec.verify(spooled.path), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         source.close(spooled.size)
         anomaly = bool(previous and previous[-1].compression == spec.compression
                        and spooled.size < previous[-1].size * ANOMALY_RATIO)

@@ -14,7 +14,6 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,19 +27,14 @@ from mt5backupd import __version__, spool, state
 from mt5backupd.config import Config, load_config
 from mt5backupd.errors import ConfigError, LockHeldError, Mt5BackupError
 from mt5backupd.health import HealthInput, evaluate
+from mt5backupd.jobs import JobOutcome
 from mt5backupd.metrics import LiveState, make_registry
 from mt5backupd.notify import Notifier as EventNotifier
 from mt5backupd.schedule import make_trigger, missed_fire, resolve_timezone
 from mt5backupd.sdnotify import Notifier as SystemdNotifier
 from mt5backupd.secretfiles import check_pgpass, database_password, remote_token
 
-JobFn = Callable[[Config], Awaitable["JobOutcome"]]
-
-
-@dataclass
-class JobOutcome:
-    ok: bool
-    summary: dict[str, Any]
+JobFn = Callable[[Config], Awaitable[JobOutcome]]
 
 
 class Daemon:

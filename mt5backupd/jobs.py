@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from mt5backupd import state
 from mt5backupd.backup import BackupResult, pending_command, run_backup, run_repository
 from mt5backupd.config import Config
-from mt5backupd.daemon import JobOutcome
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, LockHeldError, Mt5BackupError
+
+
+@dataclass
+class JobOutcome:
+    """What the daemon needs of a job's run: good or not, and a summary for notifications."""
+
+    ok: bool
+    summary: dict[str, Any]
 
 
 async def _run_and_record(cfg: Config, job: str,
