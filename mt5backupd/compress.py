@@ -7,7 +7,7 @@ with worker threads keeps up with pg_dump -Z0 on two cores at a similar size.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Protocol, cast
 
@@ -16,13 +16,35 @@ import zstandard
 from mt5backupd.config import Compression
 
 READ_BYTES = 1024 * 1024
+BATCH_BYTES = 256 * 1024
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class Writable(Protocol):
     """A sink that writes all of ``data`` (or raises) and returns its length."""
 
-    def write(self, data: bytes, /) -> int: ...
+    def write(self, data: bytes | bytearray, /) -> int: ...
+
+
+def read_batches(read_fd: int, on_read: Callable[[int], None] | None = None,
+                 batch_bytes: int = BATCH_BYTES) -> Iterator[bytearray]:
+    """Blocking: the pipe's bytes in batches of ``batch_bytes`` (the last may be shorter).
+
+    A pipe read returns whatever is there, which for pg_dump is ~10 KiB at a time even with a
+    1 MiB pipe; batching cuts the downstream calls (zstd, hash, write, upload wake-ups) ~20x.
+    """
+    while True:
+        batch = bytearray()
+        while len(batch) < batch_bytes:
+            chunk = os.read(read_fd, batch_bytes - len(batch))
+            if not chunk:
+                if batch:
+                    yield batch
+                return
+            batch += chunk
+            if on_read:
+                on_read(len(chunk))
+        yield batch
 
 
 def pump(
@@ -36,21 +58,20 @@ def pump(
     (zstd only: gzip is pg_dump's own -Z), write to ``sink``. Returns the raw bytes read."""
     raw = 0
     if compression.kind == "zstd":
-        cctx = zstandard.ZstdCompressor(level=compression.level, threads=threads)
+        # write_checksum: each frame carries a checksum, so any later decoder (restore,
+        # `zstd -t`) detects corruption of the stored file.
+        cctx = zstandard.ZstdCompressor(level=compression.level, threads=threads,
+                                        write_checksum=True)
         # The stream writer only ever calls sink.write(); it needs no other file method.
         target = cast("IO[bytes]", sink)
         with cctx.stream_writer(target, write_size=READ_BYTES, closefd=False) as writer:
-            while chunk := os.read(read_fd, READ_BYTES):
-                raw += len(chunk)
-                writer.write(chunk)
-                if on_read:
-                    on_read(len(chunk))
+            for batch in read_batches(read_fd, on_read):
+                raw += len(batch)
+                writer.write(batch)
         return raw
-    while chunk := os.read(read_fd, READ_BYTES):
-        raw += len(chunk)
-        sink.write(chunk)
-        if on_read:
-            on_read(len(chunk))
+    for batch in read_batches(read_fd, on_read):
+        raw += len(batch)
+        sink.write(batch)
     return raw
 
 

@@ -65,7 +65,12 @@ async def run_pg_restore(
 
 
 async def list_archive(pg_restore: str, archive: Path) -> list[str]:
-    """The archive's table of contents; VerifyError when pg_restore cannot read it whole."""
+    """The archive's table of contents; VerifyError when pg_restore cannot read it.
+
+    This reads the header and the table of contents only, not the table data: it proves the
+    file is a custom-format archive pg_restore accepts. That the data blocks are the bytes
+    pg_dump wrote is what the sha256 (computed while writing) proves; that they restore is the
+    job of a test restore."""
     rc, out, err = await run_pg_restore(pg_restore, archive, ["--list"])
     if rc != 0:
         last = err.strip().splitlines()[-1] if err.strip() else f"exit status {rc}"

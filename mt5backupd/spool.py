@@ -66,7 +66,7 @@ class SpoolFile:
         self.on_write = on_write  # called in the writer thread after each write
         self.size = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray) -> int:
         view = memoryview(data)
         try:
             while view:
