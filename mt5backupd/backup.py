@@ -157,7 +157,8 @@ async def db_preflight(cfg: DatabaseConfig, password: Secret | None) -> ServerIn
     return ServerInfo(version.split()[0], server_major(num))
 
 
-def _client(cfg: Config) -> ReceiverClient | None:
+def receiver_client(cfg: Config) -> ReceiverClient | None:
+    """A client for [remote], or None when no receiver is configured."""
     if not cfg.remote.url:
         return None
     token = remote_token(cfg.remote)
@@ -184,9 +185,29 @@ async def remote_preflight(client: ReceiverClient, on_unavailable: str) -> bool:
     return True
 
 
+async def _find_remote(client: ReceiverClient, name: str, sha256: str,
+                       size: int) -> dict[str, Any] | None:
+    """The receiver's record of exactly this backup, if it has one (a commit whose answer was
+    lost, or a name conflict that is really the same bytes)."""
+    try:
+        records = await client.list_backups()
+    except Mt5BackupError:
+        return None
+    for record in records:
+        if record.get("id") == name and record.get("sha256") == sha256 \
+                and record.get("size") == size:
+            return record
+    return None
+
+
+UPLOADED, RETRY_LATER, REJECTED = "uploaded", "retry-later", "rejected"
+
+
 async def upload_one(client: ReceiverClient, cfg: Config, directory: Path,
-                     manifest: spool.Manifest, observer: RunObserver) -> bool:
-    """Upload a finished local backup, resuming its recorded session; update its manifest."""
+                     manifest: spool.Manifest, observer: RunObserver) -> str:
+    """Upload a finished local backup, resuming its recorded session; update its manifest.
+    Returns UPLOADED, RETRY_LATER (receiver unavailable) or REJECTED (refused for this backup:
+    the others may still go)."""
     path = directory / manifest.file
     progress = UploadProgress(uid=manifest.upload.get("session"),
                               on_retry=observer.on_upload_retry,
@@ -200,14 +221,20 @@ async def upload_one(client: ReceiverClient, cfg: Config, directory: Path,
                                            sha256=manifest.sha256, size=manifest.size,
                                            max_retries=cfg.remote.max_retries,
                                            retry_delay_s=cfg.remote.retry_delay_s)
-    except (ReceiverUnavailable, ReceiverRejected) as exc:
-        manifest.upload = {"state": spool.UPLOAD_PENDING, "session": progress.uid,
-                           "error": str(exc)}
-        spool.save_manifest(directory, manifest)
-        return False
+    except ReceiverAuthError:
+        raise
+    except Mt5BackupError as exc:
+        found = await _find_remote(client, manifest.file, manifest.sha256, manifest.size)
+        if found is None:
+            manifest.upload = {"state": spool.UPLOAD_PENDING,
+                               "session": progress.uid if isinstance(exc, ReceiverUnavailable)
+                               else None, "error": str(exc)}
+            spool.save_manifest(directory, manifest)
+            return RETRY_LATER if isinstance(exc, ReceiverUnavailable) else REJECTED
+        record = found
     manifest.upload = _uploaded(record, progress)
     spool.save_manifest(directory, manifest)
-    return True
+    return UPLOADED
 
 
 def _remote_metadata(manifest: spool.Manifest) -> dict[str, Any]:
@@ -233,11 +260,13 @@ async def upload_pending(client: ReceiverClient, cfg: Config,
             logger.error("pending backup {} has no file any more; skipped", manifest.file)
             continue
         logger.info("uploading pending backup {}", manifest.file)
-        if await upload_one(client, cfg, cfg.local.dir, manifest, observer):
+        outcome = await upload_one(client, cfg, cfg.local.dir, manifest, observer)
+        if outcome == UPLOADED:
             done += 1
-        else:
-            logger.warning("pending backup {} still not uploaded: {}", manifest.file,
-                           manifest.upload.get("error"))
+            continue
+        logger.warning("pending backup {} still not uploaded: {}", manifest.file,
+                       manifest.upload.get("error"))
+        if outcome == RETRY_LATER:
             break  # the receiver is not taking uploads; the rest would fail the same way
     return done, len(pending) - done
 
@@ -353,7 +382,7 @@ async def _run_locked(cfg: Config, observer: RunObserver, show_progress: bool,
     if spool.clean_partials(directory):
         logger.warning("removed leftovers of an interrupted run from {}/{}", directory,
                        spool.PARTIAL_DIR)
-    client = _client(cfg)
+    client = receiver_client(cfg)
     try:
         remote_ok = client is not None and await remote_preflight(client,
                                                                   cfg.remote.on_unavailable)
@@ -400,6 +429,7 @@ async def _ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
 
     logger.info("backup {} started: {} -> {} ({})", backup, spec.describe, file_name,
                 spec.compression)
+    publishing: asyncio.Future[None] | None = None
     try:
         stats = await spec.produce(spooled)
         loop = asyncio.get_running_loop()
@@ -423,8 +453,22 @@ async def _ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
             **{"database": "", **spec.manifest_fields},
         )
         final = directory / file_name
-        await loop.run_in_executor(None, spool.publish, spooled, final, manifest, directory)
+        publishing = loop.run_in_executor(None, spool.publish, spooled, final, manifest,
+                                          directory)
+        await publishing
     except BaseException as exc:
+        if publishing is not None and not publishing.done():
+            # cancelled while the publish thread runs: it must end before we judge the files
+            with contextlib.suppress(BaseException):
+                await publishing
+        if publishing is not None and publishing.done() and not publishing.cancelled() \
+                and publishing.exception() is None:
+            # the backup is complete locally: keep it, resumable, and let the cancel through
+            manifest.upload = {"state": spool.UPLOAD_PENDING, "session": progress.uid}
+            spool.save_manifest(directory, manifest)
+            if upload_task is not None:
+                upload_task.cancel()
+            raise
         if upload_task is not None:
             upload_task.cancel()
             with contextlib.suppress(BaseException):
@@ -455,11 +499,22 @@ async def _ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
                 client, progress, name=file_name, sha256=sha256, size=spooled.size,
                 max_retries=cfg.remote.max_retries, retry_delay_s=cfg.remote.retry_delay_s)
             manifest.upload = _uploaded(record, progress)
-        except (ReceiverUnavailable, ReceiverRejected, ReceiverAuthError) as exc:
-            logger.error("upload of {} failed, kept locally as pending: {}", file_name, exc)
-            manifest.upload = {"state": spool.UPLOAD_PENDING, "session": progress.uid,
-                               "error": str(exc)}
-            exit_code = EXIT_PENDING
+        except Mt5BackupError as exc:
+            found = await _find_remote(client, file_name, sha256, spooled.size)
+            if found is not None:  # committed, only the answer was lost
+                manifest.upload = _uploaded(found, progress)
+            else:
+                logger.error("upload of {} failed, kept locally as pending: {}", file_name, exc)
+                manifest.upload = {"state": spool.UPLOAD_PENDING, "session": progress.uid,
+                                   "error": str(exc)}
+                exit_code = EXIT_PENDING
+        except BaseException:
+            # cancelled (daemon shutdown) while uploading: the backup is complete locally and
+            # its session is recorded, so `upload-pending` resumes it instead of starting over
+            upload_task.cancel()
+            manifest.upload = {"state": spool.UPLOAD_PENDING, "session": progress.uid}
+            spool.save_manifest(directory, manifest)
+            raise
         spool.save_manifest(directory, manifest)
     elif cfg.remote.url:
         exit_code = EXIT_PENDING
@@ -515,7 +570,7 @@ async def run_repository(cfg: Config, observer: RunObserver | None = None) -> Ba
 
 async def pending_command(cfg: Config) -> tuple[int, int]:
     """`mt5backupd upload-pending`: under the run lock, so it never races a backup run."""
-    client = _client(cfg)
+    client = receiver_client(cfg)
     if client is None:
         raise ConfigError("[remote] url is not set: there is nowhere to upload to")
     cfg.local.dir.mkdir(parents=True, exist_ok=True, mode=0o750)

@@ -48,6 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon (the default when no command is given)")
     _add_common(run, top=False)
 
+    lst = sub.add_parser("list", help="list backups (local, or the receiver's with --remote)")
+    _add_common(lst, top=False)
+    lst.add_argument("--remote", action="store_true", help="list the receiver's backups")
+    lst.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+
+    rst = sub.add_parser("restore", help="verify a backup's sha256, then pg_restore it")
+    _add_common(rst, top=False)
+    rst.add_argument("backup", metavar="ID|latest", help="backup id, file name or 'latest'")
+    rst.add_argument("--target-db", required=True, metavar="NAME",
+                     help="database to restore into (on the configured server)")
+    rst.add_argument("--from", dest="source", choices=("local", "remote"), default="local",
+                     help="take the backup from the local dir (default) or the receiver")
+    rst.add_argument("--create", action="store_true", help="create the target database")
+    rst.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="parallel pg_restore jobs (zstd archives are decompressed first)")
+    rst.add_argument("--force", action="store_true",
+                     help="allow restoring over the configured source database")
+    rst.add_argument("--no-owner", action="store_true",
+                     help="do not restore object ownership (target roles differ)")
+    rst.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+
     pend = sub.add_parser("upload-pending", help="upload local backups whose upload is pending")
     _add_common(pend, top=False)
 
@@ -117,6 +138,29 @@ def _cmd_run_now(args: argparse.Namespace, config: Config) -> int:
     return result.exit_code
 
 
+def _cmd_list(args: argparse.Namespace, config: Config) -> int:
+    from mt5backupd import restore
+
+    entries = (asyncio.run(restore.remote_entries(config)) if args.remote
+               else restore.local_entries(config))
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2))
+    else:
+        print(restore.format_table(entries))
+    return EXIT_OK
+
+
+def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
+    from mt5backupd import restore
+
+    setup_logging(config.log, "restore", verbose=args.verbose)
+    result = asyncio.run(restore.restore(
+        config, args.backup, args.target_db, source=args.source, create=args.create,
+        jobs=args.jobs, force=args.force, no_owner=args.no_owner))
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
+    return EXIT_OK
+
+
 def _cmd_upload_pending(args: argparse.Namespace, config: Config) -> int:
     from mt5backupd.backup import pending_command
 
@@ -180,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run_now(args, config)
         if args.command == "receiver":
             return _cmd_receiver(args, config)
+        if args.command == "list":
+            return _cmd_list(args, config)
+        if args.command == "restore":
+            return _cmd_restore(args, config)
         if args.command == "upload-pending":
             return _cmd_upload_pending(args, config)
         if args.command in (None, "run"):

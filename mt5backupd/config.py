@@ -522,6 +522,21 @@ LEGACY_VARS = (
 )
 
 
+def _strip_comment(value: str) -> str:
+    """Drop a trailing ``# comment``: as in the shell, ``#`` starts one only at the start of a
+    word and outside quotes (``abc#123`` is a value, not ``abc``)."""
+    quote = ""
+    for i, ch in enumerate(value):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or value[i - 1].isspace()):
+            return value[:i]
+    return value
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse a shell-style ``KEY=VALUE`` file like the legacy ``/etc/default/mt5-backup``."""
     try:
@@ -541,7 +556,7 @@ def read_env_file(path: Path) -> dict[str, str]:
         if not sep or not key.replace("_", "").isalnum():
             raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE")
         try:
-            parts = shlex.split(value, comments=True)
+            parts = shlex.split(_strip_comment(value))
         except ValueError as exc:
             raise ConfigError(f"{path}:{lineno}: {key}: {exc}") from None
         values[key] = " ".join(parts)

@@ -244,13 +244,18 @@ class Daemon:
         run_id = secrets.token_hex(4)
         events = EventNotifier(self.cfg.notify)
         async with self._job_lock:
+            if self._stop.is_set():
+                return  # queued behind a run while shutting down: do not start
             cfg = self.cfg  # a reload during the run applies from the next run on
             self.live.in_progress[job] = True
             self.current = {"job": job, "run": run_id,
                             "started": datetime.now(UTC).isoformat(), "_t0": time.monotonic()}
             with logger.contextualize(job=job, run=run_id):
+                # the ping URL watches the database backup; other jobs would mask its state
+                pings = job == "database"
                 try:
-                    await events.ping("start")
+                    if pings:
+                        await events.ping("start")
                     logger.info("{} run started", job)
                     try:
                         outcome = await self.jobs[job](cfg)
@@ -260,7 +265,11 @@ class Daemon:
                     except Mt5BackupError as exc:
                         outcome = JobOutcome(False, {"error": str(exc)})
                         logger.error("{} run failed: {}", job, exc)
-                    await events.ping("success" if outcome.ok else "fail")
+                    except Exception as exc:  # noqa: BLE001 - a bug or OS error is still a failed run
+                        outcome = JobOutcome(False, {"error": f"{exc.__class__.__name__}: {exc}"})
+                        logger.opt(exception=exc).error("{} run failed unexpectedly", job)
+                    if pings:
+                        await events.ping("success" if outcome.ok else "fail")
                     await events.event({"event": f"{job}_run", "ok": outcome.ok, "job": job,
                                         "run": run_id, **outcome.summary})
                 finally:

@@ -33,11 +33,13 @@ async def _run_and_record(cfg: Config, job: str,
         result = await run()
     except LockHeldError:
         raise
-    except Mt5BackupError as exc:
+    except Exception as exc:  # recorded whatever it is, so /health and metrics see it
+        error = str(exc) if isinstance(exc, Mt5BackupError) else \
+            f"{exc.__class__.__name__}: {exc}"
         state.record_run(cfg.local.dir, state.RunRecord(
             job=job, id="", started=started.isoformat(),
             finished=datetime.now(UTC).isoformat(), result="failure",
-            duration_s=round(time.monotonic() - t0, 3), error=str(exc)))
+            duration_s=round(time.monotonic() - t0, 3), error=error))
         raise
     outcome = ("success" if result.exit_code == EXIT_OK else
                "pending" if result.exit_code == EXIT_PENDING else "failure")

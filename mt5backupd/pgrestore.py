@@ -57,6 +57,10 @@ async def run_pg_restore(
     try:
         out, err = await proc.communicate()
     finally:
+        if proc.returncode is None:  # cancelled: do not leave pg_restore behind
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
         if feeder is not None:
             with contextlib.suppress(Exception):
                 await feeder

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from datetime import datetime, timedelta, tzinfo
+from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
 
 
+def system_timezone(env: dict[str, str] | None = None,
+                    localtime: Path = Path("/etc/localtime")) -> tzinfo:
+    """The system's zone *with its DST rules* ($TZ, else the /etc/localtime link).
+
+    ``datetime.now().astimezone()`` would give today's fixed offset, and a daemon started in
+    winter would then run the 03:00 backup at 04:00 all summer.
+    """
+    env = dict(os.environ) if env is None else env
+    names = [env.get("TZ", "").removeprefix(":")]
+    with contextlib.suppress(OSError):
+        target = os.readlink(localtime)
+        if "zoneinfo/" in target:
+            names.append(target.split("zoneinfo/", 1)[1])
+    for name in names:
+        if name:
+            with contextlib.suppress(ZoneInfoNotFoundError, ValueError):
+                return ZoneInfo(name)
+    local = datetime.now().astimezone().tzinfo  # last resort: a fixed offset
+    assert local is not None
+    return local
+
+
 def resolve_timezone(name: str) -> tzinfo:
-    """IANA name -> tzinfo; "" -> the system's local zone."""
+    """IANA name -> tzinfo; "" -> the system's zone."""
     if not name:
-        local = datetime.now().astimezone().tzinfo
-        assert local is not None
-        return local
+        return system_timezone()
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):

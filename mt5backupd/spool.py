@@ -61,6 +61,7 @@ class SpoolFile:
         partial = directory / PARTIAL_DIR
         partial.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = partial / file_name
+        self.partial_path = self.path  # never changes: discard() may only ever remove this
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._hasher = hashlib.sha256()
         self.on_write = on_write  # called in the writer thread after each write
@@ -101,7 +102,7 @@ class SpoolFile:
     def discard(self) -> None:
         self.close()
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            self.partial_path.unlink()
 
     def publish(self, final_path: Path) -> None:
         """Rename into place (after sync + verification) and make the rename durable."""

@@ -123,7 +123,9 @@ class ReceiverClient:
             raise UploadGone(detail)
         if status == 409 and reason == "offset_mismatch" and isinstance(body, dict):
             raise OffsetConflict(int(body["offset"]))
-        if is_retryable_status(status):
+        if is_retryable_status(status) or (status == 409 and reason == "upload_busy"):
+            # upload_busy: the receiver is still finishing a request of ours whose connection
+            # broke; it goes away once the receiver notices, so wait and try again
             raise ReceiverUnavailable(f"receiver {self.base_url}: {detail}")
         raise ReceiverRejected(f"receiver {self.base_url}: {detail}", status, reason)
 

@@ -406,3 +406,15 @@ async def test_upload_pending_resumes_recorded_session(backup_setup: BackupSetup
     assert received == len(data) - half
     remote = {b["id"]: b for b in await remote_list(backup_setup)}
     assert remote[result.file.name]["sha256"] == result.sha256
+
+
+async def test_pending_backup_already_on_receiver_is_recognised(backup_setup: BackupSetup) -> None:
+    """A backup the receiver already holds (the commit's answer was lost) is marked uploaded by
+    upload-pending instead of staying pending forever behind a name conflict."""
+    result = await run_backup(backup_setup.cfg)
+    assert result.upload_state == "uploaded"
+    manifest = spool.load_manifests(backup_setup.cfg.local.dir)[-1]
+    manifest.upload = {"state": "pending", "session": None}
+    spool.save_manifest(backup_setup.cfg.local.dir, manifest)
+    assert await pending_command(backup_setup.cfg) == (1, 0)
+    assert spool.load_manifests(backup_setup.cfg.local.dir)[-1].upload["state"] == "uploaded"

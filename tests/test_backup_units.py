@@ -225,3 +225,32 @@ def test_secrets_from_systemd_credentials_and_legacy(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="chmod 600"):
         remote_token(RemoteConfig(), env)
     assert remote_token(RemoteConfig(), {}) is None
+
+
+def test_env_file_hash_is_a_comment_only_at_word_start(tmp_path: Path) -> None:
+    """As in the shell, `abc#123` is a value; ` # note` and quoted text behave as in bash."""
+    env_file = tmp_path / "mt5-backup"
+    env_file.write_text("POSTGRES_PASSWORD=abc#123 # the password\n"
+                        "BACKUP_API_TOKEN='tok # not a comment'\n")
+    values = read_env_file(env_file)
+    assert values["POSTGRES_PASSWORD"] == "abc#123"
+    assert values["BACKUP_API_TOKEN"] == "tok # not a comment"
+
+
+def test_system_timezone_keeps_dst_rules(tmp_path: Path) -> None:
+    """The system zone comes from $TZ or the /etc/localtime link as a real zone (with DST),
+    not as today's fixed offset."""
+    from zoneinfo import ZoneInfo
+
+    from mt5backupd.schedule import make_trigger, system_timezone
+
+    assert system_timezone({"TZ": "Europe/Athens"}) == ZoneInfo("Europe/Athens")
+    link = tmp_path / "localtime"
+    link.symlink_to("/usr/share/zoneinfo/America/New_York")
+    assert system_timezone({}, link) == ZoneInfo("America/New_York")
+    trigger = make_trigger("0 3 * * *", system_timezone({"TZ": "Europe/Athens"}))
+    winter = datetime(2026, 1, 10, 12, tzinfo=UTC)
+    summer = datetime(2026, 7, 10, 12, tzinfo=UTC)
+    # 03:00 Athens is 01:00 UTC in winter and 00:00 UTC in summer
+    assert trigger.get_next_fire_time(None, winter).astimezone(UTC).hour == 1
+    assert trigger.get_next_fire_time(None, summer).astimezone(UTC).hour == 0

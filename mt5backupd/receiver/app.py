@@ -161,9 +161,27 @@ def _sha_param(value: Any, what: str) -> str:
     return value.strip().lower()
 
 
+BODY_IDLE_TIMEOUT_S = 120.0
+
+
 async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    while chunk := await request.content.readany():
+    """The body as it arrives. A client silent for BODY_IDLE_TIMEOUT_S (a half-open TCP
+    connection) ends the request, so it cannot hold its upload's lock for hours."""
+    while chunk := await asyncio.wait_for(request.content.readany(), BODY_IDLE_TIMEOUT_S):
         yield chunk
+
+
+MAX_FIELD_BYTES = 64 * 1024
+
+
+async def _field_text(part: BodyPartReader) -> str:
+    """A small form field, read with a bound (a text field is never a reason to buffer MBs)."""
+    data = bytearray()
+    while chunk := await part.read_chunk(8192):
+        data += chunk
+        if len(data) > MAX_FIELD_BYTES:
+            raise BadRequest(f"form field {part.name!r} is larger than {MAX_FIELD_BYTES} bytes")
+    return data.decode(errors="replace")
 
 
 async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
@@ -305,14 +323,14 @@ async def legacy_upload(request: web.Request) -> web.Response:
                         temp = await storage.receive_temp(client, _part_chunks(part), None)
                     elif part.name in ("sha256", "checksum"):
                         # Accept the bare hash or a whole `sha256sum` line.
-                        raw_sha = ((await part.text()).split() or [""])[0]
+                        raw_sha = ((await _field_text(part)).split() or [""])[0]
                     elif part.name == "name":
-                        name = (await part.text()).strip()
+                        name = (await _field_text(part)).strip()
                     elif part.name == "kind":
-                        kind = (await part.text()).strip()
+                        kind = (await _field_text(part)).strip()
                     elif part.name == "metadata":
                         try:
-                            metadata = json.loads(await part.text())
+                            metadata = json.loads(await _field_text(part))
                         except ValueError:
                             raise BadRequest("metadata field is not valid JSON") from None
                     else:

@@ -136,6 +136,18 @@ class BackupRecord:
     def created_dt(self) -> datetime:
         return datetime.fromisoformat(self.created)
 
+    @property
+    def taken_dt(self) -> datetime:
+        """When the backup was taken (the client's ``metadata.started``), else committed:
+        backups uploaded late, after an outage, still belong to their own day."""
+        started = self.metadata.get("started")
+        if isinstance(started, str):
+            with contextlib.suppress(ValueError):
+                taken = datetime.fromisoformat(started)
+                if taken.tzinfo is not None:
+                    return taken
+        return self.created_dt
+
 
 @dataclass
 class _Session:
@@ -204,7 +216,7 @@ class _ChunkWriter:
         self._received = offset
         self._chunks: list[bytes] = []
         self._buffered = 0
-        self._pending: asyncio.Future[Any] | None = None
+        self._pending: list[asyncio.Future[None]] = []  # the write and the hash of one batch
         self._pending_bytes = 0
         self._since_free_check = 0
 
@@ -218,12 +230,19 @@ class _ChunkWriter:
             await self._dispatch()
 
     async def _settle(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            await pending
-            self.offset += self._pending_bytes
-            self._storage.on_bytes(self._pending_bytes)
-            self._pending_bytes = 0
+        """Wait for the batch in flight; both threads end before anything else happens, even
+        when one of them fails (the other may still be using the fd)."""
+        if not self._pending:
+            return
+        await asyncio.wait(self._pending)
+        pending, self._pending = self._pending, []
+        for future in pending:
+            error = future.exception()
+            if error is not None:
+                raise error
+        self.offset += self._pending_bytes
+        self._storage.on_bytes(self._pending_bytes)
+        self._pending_bytes = 0
 
     async def _dispatch(self) -> None:
         await self._settle()
@@ -231,10 +250,8 @@ class _ChunkWriter:
             chunks, self._chunks = self._chunks, []
             self._pending_bytes, self._buffered = self._buffered, 0
             loop = asyncio.get_running_loop()
-            self._pending = asyncio.gather(
-                loop.run_in_executor(None, self._write, chunks),
-                loop.run_in_executor(None, self._hash, chunks),
-            )
+            self._pending = [loop.run_in_executor(None, self._write, chunks),
+                             loop.run_in_executor(None, self._hash, chunks)]
 
     def _write(self, chunks: list[bytes]) -> None:
         total = sum(len(c) for c in chunks)
@@ -264,11 +281,12 @@ class _ChunkWriter:
         await asyncio.get_running_loop().run_in_executor(None, os.fsync, self._fd)
 
     async def drain_quietly(self) -> None:
-        """After a failure: let in-flight work end so the file is not changed behind us."""
-        if self._pending is not None:
+        """After a failure or a cancel: let in-flight threads end before the fd is closed and
+        the file truncated, so nothing is written behind our back."""
+        if self._pending:
             with contextlib.suppress(BaseException):
-                await self._pending
-            self._pending = None
+                await asyncio.shield(asyncio.wait(self._pending))
+            self._pending = []
 
 
 class Storage:
@@ -632,8 +650,10 @@ class Storage:
         def assemble() -> None:
             stage = self.root / "staging" / secrets.token_hex(16)
             stage.mkdir(mode=0o750)
+            moved = False
             try:
                 os.rename(data_src, stage / "data")
+                moved = True
                 os.chmod(stage / "data", 0o440)
                 fd = os.open(stage / "data", os.O_RDONLY)
                 try:
@@ -651,6 +671,9 @@ class Storage:
                     raise
                 fsync_dir(dest.parent)
             except BaseException:
+                if moved:  # give the data back: the upload can still be committed later
+                    with contextlib.suppress(OSError):
+                        os.rename(stage / "data", data_src)
                 shutil.rmtree(stage, ignore_errors=True)
                 raise
 
@@ -729,7 +752,7 @@ class Storage:
         removed: list[BackupRecord] = []
         for records in by_kind.values():
             by_id = {r.id: r for r in records}
-            doomed = select_remove([Item(r.id, r.created_dt) for r in records], policy)
+            doomed = select_remove([Item(r.id, r.taken_dt) for r in records], policy)
             for backup_id in doomed:
                 if not dry_run:
                     self.delete(client, backup_id)
@@ -741,6 +764,10 @@ class Storage:
         now = time.time() if now is None else now
         removed = 0
         for client_dir in (self.root / "partial").iterdir():
+            for orphan in client_dir.glob("*.json"):  # a description whose data is gone
+                if not orphan.with_suffix(".data").exists():
+                    with contextlib.suppress(FileNotFoundError):
+                        orphan.unlink()
             for path in client_dir.glob("*.data"):
                 uid = path.name.removesuffix(".data")
                 sess = self._sessions.get((client_dir.name, uid))

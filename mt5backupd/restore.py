@@ -1,0 +1,250 @@
+"""`mt5backupd restore` and `mt5backupd list`: find a backup, get it (resuming a download),
+prove its sha256 before any database is touched, then pg_restore it into a target database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from loguru import logger
+
+from mt5backupd import spool
+from mt5backupd.backup import receiver_client
+from mt5backupd.compress import decompress_file_to_fd, is_zstd_file
+from mt5backupd.config import Config, DatabaseConfig, Secret
+from mt5backupd.dump import libpq_env
+from mt5backupd.errors import EXIT_USAGE, ConfigError, Mt5BackupError, VerifyError
+from mt5backupd.names import InvalidName, validate_backup_id
+from mt5backupd.pgrestore import run_pg_restore
+from mt5backupd.secretfiles import database_password
+
+RESTORE_DIR = ".restore"
+KIND = "database"
+
+
+class RestoreRefused(Mt5BackupError):
+    """The command would overwrite something it must not (the source database)."""
+
+    exit_code = EXIT_USAGE
+
+
+@dataclass(frozen=True)
+class BackupEntry:
+    """One backup as `list` shows it, from a local manifest or the receiver's record."""
+
+    id: str
+    file: str
+    kind: str
+    size: int
+    sha256: str
+    created: str
+    upload: str  # uploaded | pending | disabled | remote
+    verify: str  # last test-restore result, "" when never verified
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "file": self.file, "kind": self.kind, "size": self.size,
+                "sha256": self.sha256, "created": self.created, "upload": self.upload,
+                "verify": self.verify or None}
+
+
+def local_entries(cfg: Config) -> list[BackupEntry]:
+    return [BackupEntry(m.id, m.file, m.kind, m.size, m.sha256, m.started,
+                        str(m.upload.get("state", "")),
+                        str(m.extra.get("verify", {}).get("result", "")))
+            for m in spool.load_manifests(cfg.local.dir)]
+
+
+async def remote_entries(cfg: Config) -> list[BackupEntry]:
+    client = receiver_client(cfg)
+    if client is None:
+        raise ConfigError("[remote] url is not set: there is no receiver to list")
+    async with client:
+        records = await client.list_backups()
+    entries = []
+    for r in records:
+        try:  # the name becomes a local file name: never trust it blindly
+            name = validate_backup_id(str(r["id"]))
+        except InvalidName:
+            logger.warning("receiver listed an invalid backup id {!r}; ignored", r.get("id"))
+            continue
+        entries.append(BackupEntry(name, name, str(r.get("kind", "")), int(r["size"]),
+                                   str(r["sha256"]), str(r["created"]), "remote", ""))
+    return sorted(entries, key=lambda e: (e.created, e.file))
+
+
+def format_table(entries: list[BackupEntry]) -> str:
+    lines = [f"{'ID':<36} {'KIND':<10} {'SIZE':>10} {'SHA256':<12} {'CREATED':<25} "
+             f"{'UPLOAD':<9} VERIFY"]
+    for e in entries:
+        lines.append(f"{e.id:<36} {e.kind:<10} {e.size / 1e6:>8.1f}MB {e.sha256[:12]:<12} "
+                     f"{e.created[:25]:<25} {e.upload:<9} {e.verify or '-'}")
+    return "\n".join(lines)
+
+
+def pick(entries: list[BackupEntry], ref: str, where: str) -> BackupEntry:
+    """``latest`` or an id / file name, among database backups."""
+    candidates = [e for e in entries if e.kind == KIND]
+    if not candidates:
+        raise Mt5BackupError(f"no database backups {where}")
+    if ref == "latest":
+        return candidates[-1]
+    for e in candidates:
+        if ref in (e.id, e.file) or e.file.startswith(ref + ".dump"):
+            return e
+    raise Mt5BackupError(f"no database backup {ref!r} {where}; newest is {candidates[-1].id!r}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1024 * 1024):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class RestoreResult:
+    id: str
+    file: Path
+    source: str
+    target_db: str
+    created: bool
+    jobs: int
+    sha256: str
+    size: int
+    download_s: float
+    restore_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "file": str(self.file), "from": self.source,
+                "target_db": self.target_db, "created": self.created, "jobs": self.jobs,
+                "sha256": self.sha256, "size": self.size, "download_s": round(self.download_s, 3),
+                "restore_s": round(self.restore_s, 3)}
+
+    def summary(self) -> str:
+        return "\n".join([
+            f"restored {self.id} into {self.target_db}"
+            + (" (created)" if self.created else " (cleaned and replaced)"),
+            f"  file      {self.file} ({self.source}, {self.size / 1e6:.1f} MB)",
+            f"  sha256    {self.sha256} (verified before restoring)",
+            f"  time      download {self.download_s:.1f} s, pg_restore {self.restore_s:.1f} s"
+            + (f" with {self.jobs} jobs" if self.jobs > 1 else ""),
+        ])
+
+
+async def _target_exists(db: DatabaseConfig, password: Secret | None, target: str) -> bool:
+    conn = await _maintenance_connection(db, password)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", target))
+    finally:
+        await conn.close()
+
+
+async def _maintenance_connection(db: DatabaseConfig, password: Secret | None) -> Any:
+    try:
+        return await asyncpg.connect(host=db.host, port=db.port, user=db.user,
+                                     database="postgres",
+                                     password=password.reveal() if password else None,
+                                     timeout=15)
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        raise ConfigError(f"[database] authentication failed: {exc}") from None
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise Mt5BackupError(f"database server unreachable: {exc}") from None
+
+
+async def _create_database(db: DatabaseConfig, password: Secret | None, target: str) -> None:
+    conn = await _maintenance_connection(db, password)
+    try:
+        quoted = '"' + target.replace('"', '""') + '"'
+        await conn.execute(f"CREATE DATABASE {quoted}")
+    finally:
+        await conn.close()
+
+
+async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local",
+                  create: bool = False, jobs: int = 1, force: bool = False,
+                  no_owner: bool = False) -> RestoreResult:
+    db = cfg.database
+    if target_db == db.dbname and not force:
+        raise RestoreRefused(f"--target-db {target_db} is the configured source database; "
+                             "restoring over it needs --force")
+    if jobs < 1:
+        raise RestoreRefused("--jobs must be >= 1")
+    password = database_password(db)
+    t0 = time.monotonic()
+    restore_dir = cfg.local.dir / RESTORE_DIR
+    if source == "remote":
+        entry = pick(await remote_entries(cfg), ref, "on the receiver")
+        restore_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = restore_dir / entry.file
+        client = receiver_client(cfg)
+        assert client is not None
+        async with client:
+            logger.info("downloading {} from the receiver", entry.file)
+            await client.download(entry.file, path)
+    else:
+        entry = pick(local_entries(cfg), ref, f"in {cfg.local.dir}")
+        path = cfg.local.dir / entry.file
+        if not path.exists():
+            raise Mt5BackupError(f"{path}: backup file missing (its manifest exists)")
+    download_s = time.monotonic() - t0
+    actual = await asyncio.to_thread(sha256_file, path)
+    if actual != entry.sha256:
+        if source == "remote":
+            path.unlink(missing_ok=True)
+        raise VerifyError(f"{entry.file}: sha256 mismatch, expected {entry.sha256}, got "
+                          f"{actual}; not restoring (the file is corrupt or truncated)")
+    logger.info("sha256 of {} verified", entry.file)
+
+    existed = await _target_exists(db, password, target_db)
+    if not existed:
+        if not create:
+            raise RestoreRefused(f"target database {target_db!r} does not exist; add --create")
+        await _create_database(db, password, target_db)
+    args = ["--exit-on-error", "--no-password", f"--dbname={target_db}"]
+    if existed:
+        args += ["--clean", "--if-exists"]
+    if no_owner:
+        args += ["--no-owner"]
+    archive = path
+    plain: Path | None = None
+    if jobs > 1:
+        args += [f"--jobs={jobs}"]
+        if is_zstd_file(path):
+            # parallel pg_restore seeks in the archive: give it a plain file
+            restore_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            plain = restore_dir / (entry.id + ".dump")
+            await asyncio.to_thread(_decompress_to, path, plain)
+            archive = plain
+    env = libpq_env(db, password)
+    env["PGDATABASE"] = target_db
+    t1 = time.monotonic()
+    try:
+        rc, _out, err = await run_pg_restore(db.pg_restore, archive, args, env=env)
+    finally:
+        if plain is not None:
+            plain.unlink(missing_ok=True)
+    restore_s = time.monotonic() - t1
+    if rc != 0:
+        last = err.strip().splitlines()[-1] if err.strip() else f"exit status {rc}"
+        raise Mt5BackupError(f"pg_restore into {target_db} failed: {last}")
+    if source == "remote":
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return RestoreResult(entry.id, path, source, target_db, not existed, jobs, actual,
+                         entry.size, download_s, restore_s)
+
+
+def _decompress_to(src: Path, dest: Path) -> None:
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        decompress_file_to_fd(src, fd)
+    finally:
+        os.close(fd)
