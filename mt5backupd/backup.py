@@ -41,6 +41,7 @@ from mt5backupd.errors import (
 from mt5backupd.lock import RunLock
 from mt5backupd.pgrestore import list_archive
 from mt5backupd.retention import LocalItem, select_rotation
+from mt5backupd.rowcounts import count_rows
 from mt5backupd.secretfiles import check_pgpass, database_password, remote_token
 from mt5backupd.upload import (
     GrowingSource,
@@ -133,22 +134,27 @@ class ServerInfo:
     major: int
 
 
-async def db_preflight(cfg: DatabaseConfig, password: Secret | None) -> ServerInfo:
-    """Connect once with asyncpg: proves credentials and reads the server version."""
+async def connect_db(cfg: DatabaseConfig, password: Secret | None, dbname: str) -> Any:
+    """An asyncpg connection with the configured credentials; errors as one clear line."""
     where = (f"{cfg.user or 'default user'}@{cfg.host or 'default host'}:"
              f"{cfg.port or 'default port'}")
     try:
-        conn = await asyncpg.connect(
-            host=cfg.host, port=cfg.port, user=cfg.user, database=cfg.dbname,
+        return await asyncpg.connect(
+            host=cfg.host, port=cfg.port, user=cfg.user, database=dbname,
             password=password.reveal() if password else None, timeout=15,
         )
     except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
         raise ConfigError(f"[database] authentication failed for {where}: {exc}") from None
     except asyncpg.InvalidCatalogNameError:
-        raise ConfigError(f"[database] dbname: database {cfg.dbname!r} does not exist on "
+        raise ConfigError(f"[database] dbname: database {dbname!r} does not exist on "
                           f"{where}") from None
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise Mt5BackupError(f"database unreachable ({where}): {exc}") from None
+
+
+async def db_preflight(cfg: DatabaseConfig, password: Secret | None) -> ServerInfo:
+    """Connect once with asyncpg: proves credentials and reads the server version."""
+    conn = await connect_db(cfg, password, cfg.dbname)
     try:
         version = str(await conn.fetchval("SHOW server_version"))
         num = int(await conn.fetchval("SHOW server_version_num"))
@@ -306,6 +312,7 @@ async def _progress_line(spooled: spool.SpoolFile, progress: UploadProgress) -> 
 class ProduceStats:
     raw_bytes: int  # bytes before our compression (pg_dump's output, the tar stream)
     duration_s: float
+    extra: dict[str, Any] = field(default_factory=dict)  # into the manifest's "extra"
 
 
 @dataclass
@@ -349,9 +356,27 @@ async def _database_spec(cfg: Config, password: Secret | None) -> ShipSpec:
             return compress.pump(read_fd, spooled, db.compression, db.compression_threads,
                                  on_read)
 
-        stats = await run_dump(pg_dump_argv(db), libpq_env(db, password), pump,
-                               stall_timeout_s=db.stall_timeout_s)
-        return ProduceStats(stats.raw_bytes, stats.duration_s)
+        # Counts and dump share one exported snapshot; the exporting transaction stays open
+        # until pg_dump is done with it.
+        conn = await connect_db(db, password, db.dbname)
+        transaction = conn.transaction(isolation="repeatable_read", readonly=True)
+        try:
+            try:
+                await transaction.start()
+                snapshot = str(await conn.fetchval("SELECT pg_export_snapshot()"))
+                counts = await count_rows(conn, db.exact_count_max_bytes)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                raise Mt5BackupError(f"snapshot and row counts failed: {exc}") from None
+            stats = await run_dump(pg_dump_argv(db, snapshot), libpq_env(db, password),
+                                   pump, stall_timeout_s=db.stall_timeout_s)
+        finally:
+            # the server may be gone (that is what failed the dump): never mask the reason
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(transaction.rollback(), 10)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 10)
+        return ProduceStats(stats.raw_bytes, stats.duration_s,
+                            {"row_counts": counts, "snapshot": snapshot})
 
     async def verify(path: Path) -> None:
         await list_archive(db.pg_restore, path)
@@ -450,7 +475,8 @@ async def _ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
             dump_duration_s=round(stats.duration_s, 3), raw_bytes=stats.raw_bytes,
             size_anomaly=anomaly,
             upload={"state": spool.UPLOAD_PENDING if cfg.remote.url else spool.UPLOAD_DISABLED},
-            **{"database": "", **spec.manifest_fields},
+            **{"database": "", **spec.manifest_fields,
+               "extra": {**spec.manifest_fields.get("extra", {}), **stats.extra}},
         )
         final = directory / file_name
         publishing = loop.run_in_executor(None, spool.publish, spooled, final, manifest,

@@ -15,7 +15,7 @@ from loguru import logger
 from mt5backupd import __version__
 from mt5backupd.backup import BackupResult
 from mt5backupd.config import Config, load_config, resolve_config_path
-from mt5backupd.errors import EXIT_OK, EXIT_PENDING, Mt5BackupError
+from mt5backupd.errors import EXIT_OK, EXIT_PENDING, EXIT_VERIFY, Mt5BackupError
 from mt5backupd.logs import setup_logging
 from mt5backupd.tuning import tune_process
 
@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     rst.add_argument("--no-owner", action="store_true",
                      help="do not restore object ownership (target roles differ)")
     rst.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+
+    ver = sub.add_parser("verify", help="test-restore a backup into a scratch database")
+    _add_common(ver, top=False)
+    ver.add_argument("backup", metavar="ID|latest", nargs="?", default="latest")
+    ver.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
     pend = sub.add_parser("upload-pending", help="upload local backups whose upload is pending")
     _add_common(pend, top=False)
@@ -161,6 +166,15 @@ def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _cmd_verify(args: argparse.Namespace, config: Config) -> int:
+    from mt5backupd.jobs import run_verify
+
+    setup_logging(config.log, "verify", verbose=args.verbose)
+    outcome = asyncio.run(run_verify(config, args.backup))
+    print(json.dumps(outcome.to_json(), indent=2) if args.json else outcome.summary())
+    return EXIT_OK if outcome.passed else EXIT_VERIFY
+
+
 def _cmd_upload_pending(args: argparse.Namespace, config: Config) -> int:
     from mt5backupd.backup import pending_command
 
@@ -228,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_list(args, config)
         if args.command == "restore":
             return _cmd_restore(args, config)
+        if args.command == "verify":
+            return _cmd_verify(args, config)
         if args.command == "upload-pending":
             return _cmd_upload_pending(args, config)
         if args.command in (None, "run"):

@@ -143,6 +143,7 @@ class DatabaseConfig:
     # worker threads cost ~40 MB of buffers for no gain on two cores (docs/benchmarks.md).
     compression_threads: int = 0
     stall_timeout_s: float = 300.0
+    exact_count_max_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ class ScheduleConfig:
     timezone: str = ""  # "" = the system's
     database: str = "0 3 * * *"
     repository: str = "0 4 * * 0"
-    verify: str = ""  # "" = no scheduled test restore
+    verify: str = "0 5 1 * *"  # monthly test restore
     upload_pending: str = "0 * * * *"
     misfire_grace_s: float = 3600.0
 
@@ -378,6 +379,7 @@ def _load_database(sec: _Section) -> DatabaseConfig:
         compression=compression,
         compression_threads=sec.int_min("compression_threads", d.compression_threads, 0),
         stall_timeout_s=sec.float_min("stall_timeout_s", d.stall_timeout_s, 1.0),
+        exact_count_max_bytes=sec.int_min("exact_count_max_bytes", d.exact_count_max_bytes, 0),
     )
     if not cfg.dbname:
         raise sec._err("dbname", "must not be empty")
@@ -444,13 +446,10 @@ def _load_schedule(sec: _Section) -> ScheduleConfig:
             resolve_timezone(cfg.timezone)
         except ValueError as exc:
             raise sec._err("timezone", str(exc)) from None
-    for key in ("database", "repository", "upload_pending"):
+    for key in ("database", "repository", "verify", "upload_pending"):
         expr = getattr(cfg, key)
         if expr:
             _validate_cron(sec, key, expr, cfg.timezone)
-    if cfg.verify:
-        raise sec._err("verify", "scheduled test restores are not available in this version; "
-                                 "leave it empty")
     sec.finish()
     return cfg
 

@@ -289,7 +289,7 @@ class Daemon:
     def reload(self) -> None:
         try:
             new = load_config(self.config_path, env_file=self.env_file)
-            for expr in (new.schedule.database, new.schedule.repository,
+            for expr in (new.schedule.database, new.schedule.repository, new.schedule.verify,
                          new.schedule.upload_pending):
                 if expr:
                     make_trigger(expr, new.schedule.timezone)

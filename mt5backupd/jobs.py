@@ -16,6 +16,7 @@ from mt5backupd import state
 from mt5backupd.backup import BackupResult, pending_command, run_backup, run_repository
 from mt5backupd.config import Config
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, LockHeldError, Mt5BackupError
+from mt5backupd.verify import VerifyOutcome, verify
 
 
 @dataclass
@@ -70,6 +71,33 @@ async def repository_job(cfg: Config) -> JobOutcome:
     return JobOutcome(result.exit_code == EXIT_OK, result.to_json())
 
 
+async def run_verify(cfg: Config, ref: str = "latest") -> VerifyOutcome:
+    """A test restore, recorded as a run of job "verify" (its duration: the restore's, our
+    measured recovery time)."""
+    started, t0 = datetime.now(UTC), time.monotonic()
+    try:
+        outcome = await verify(cfg, ref)
+    except LockHeldError:
+        raise
+    except Exception as exc:
+        state.record_run(cfg.local.dir, state.RunRecord(
+            job="verify", id="", started=started.isoformat(),
+            finished=datetime.now(UTC).isoformat(), result="failure",
+            duration_s=round(time.monotonic() - t0, 3), error=str(exc)))
+        raise
+    state.record_run(cfg.local.dir, state.RunRecord(
+        job="verify", id=outcome.id, started=started.isoformat(),
+        finished=datetime.now(UTC).isoformat(),
+        result="success" if outcome.passed else "failure",
+        duration_s=round(outcome.restore_s, 3), error="; ".join(outcome.reasons)))
+    return outcome
+
+
+async def verify_job(cfg: Config) -> JobOutcome:
+    outcome = await run_verify(cfg)
+    return JobOutcome(outcome.passed, outcome.to_json())
+
+
 async def upload_pending_job(cfg: Config) -> JobOutcome:
     done, left = await pending_command(cfg)
     return JobOutcome(left == 0, {"uploaded": done, "pending": left})
@@ -78,5 +106,6 @@ async def upload_pending_job(cfg: Config) -> JobOutcome:
 DAEMON_JOBS = {
     "database": database_job,
     "repository": repository_job,
+    "verify": verify_job,
     "upload_pending": upload_pending_job,
 }

@@ -95,6 +95,16 @@ class DiskCollector(Collector):
             uploaded.add_metric([job], float(entry["uploaded_bytes"]))
         yield from (last_ok, last_success, last_run, duration, size, pending, oldest_pending,
                     local, local_bytes, next_run, in_progress, anomaly, runs, retries, uploaded)
+        check = state.last_run(st, "verify")
+        yield GaugeMetricFamily(f"{P}_last_verify_success",
+                                "1 if the last test restore passed, else 0",
+                                value=1.0 if check and check.succeeded else 0.0)
+        yield GaugeMetricFamily(f"{P}_last_verify_timestamp_seconds",
+                                "End of the last test restore (0: never)",
+                                value=_ts(check.finished) if check else 0.0)
+        yield GaugeMetricFamily(f"{P}_last_verify_duration_seconds",
+                                "pg_restore time of the last test restore (recovery time)",
+                                value=check.duration_s if check else 0.0)
         info = GaugeMetricFamily(f"{P}_build_info", "mt5backupd version", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info

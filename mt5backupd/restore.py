@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from loguru import logger
 
 from mt5backupd import spool
-from mt5backupd.backup import receiver_client
+from mt5backupd.backup import connect_db, receiver_client
 from mt5backupd.compress import decompress_file_to_fd, is_zstd_file
 from mt5backupd.config import Config, DatabaseConfig, Secret
 from mt5backupd.dump import libpq_env
@@ -148,15 +147,7 @@ async def _target_exists(db: DatabaseConfig, password: Secret | None, target: st
 
 
 async def _maintenance_connection(db: DatabaseConfig, password: Secret | None) -> Any:
-    try:
-        return await asyncpg.connect(host=db.host, port=db.port, user=db.user,
-                                     database="postgres",
-                                     password=password.reveal() if password else None,
-                                     timeout=15)
-    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
-        raise ConfigError(f"[database] authentication failed: {exc}") from None
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise Mt5BackupError(f"database server unreachable: {exc}") from None
+    return await connect_db(db, password, "postgres")
 
 
 async def _create_database(db: DatabaseConfig, password: Secret | None, target: str) -> None:

@@ -31,6 +31,7 @@ def daemon_toml(setup: BackupSetup, *, database: str, extra: str = "",
         f'[remote]\nurl = "{setup.receiver.url}"\ntoken_file = "{setup.token_file}"\n'
         "retry_delay_s = 0.2\n"
         f'[schedule]\ntimezone = "UTC"\ndatabase = "{database}"\nupload_pending = ""\n'
+        'verify = ""\n'
         f'[http]\nlisten = "127.0.0.1:{port}"\n'
         f"[health]\nmax_age_s = {max_age_s}\n"
         f"[daemon]\nshutdown_grace_s = {grace_s}\n" + extra

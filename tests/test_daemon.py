@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mt5backupd import spool
+from mt5backupd.backup import run_backup
 from mt5backupd.health import HealthInput, evaluate
 from mt5backupd.schedule import crontab_weekdays, make_trigger, missed_fire, next_fire
 from mt5backupd.sdnotify import Notifier
@@ -29,7 +30,8 @@ REQUIRED = [
     "mt5backup_last_size_bytes", "mt5backup_runs_total", "mt5backup_upload_retries_total",
     "mt5backup_uploaded_bytes_total", "mt5backup_pending_uploads", "mt5backup_local_backups",
     "mt5backup_local_bytes", "mt5backup_next_run_timestamp_seconds", "mt5backup_in_progress",
-    "mt5backup_size_anomaly", "mt5backup_build_info",
+    "mt5backup_size_anomaly", "mt5backup_build_info", "mt5backup_last_verify_success",
+    "mt5backup_last_verify_timestamp_seconds", "mt5backup_last_verify_duration_seconds",
 ]
 UTC_NOW = datetime(2026, 11, 25, 3, 0, 30, tzinfo=UTC)
 
@@ -384,3 +386,23 @@ async def test_missed_run_made_up_once_at_start(backup_setup: BackupSetup,
         await daemon.stop()
     assert "missed while the daemon was down" in daemon.log()
     assert json.loads((backup_setup.cfg.local.dir / ".mt5backupd-state.json").read_text())
+
+
+async def test_daemon_verify_job(backup_setup: BackupSetup, tmp_path: Path,
+        daemons: list[DaemonProcess]) -> None:
+    """The daemon's verify job test-restores the newest backup and sets the verify metrics."""
+    assert (await run_backup(backup_setup.cfg)).ok
+    daemon = DaemonProcess(tmp_path / "daemon.toml")
+    daemons.append(daemon)
+    daemon.write_config(daemon_toml(backup_setup, database="0 3 1 1 *").replace(
+        'verify = ""', 'verify = "*/2 * * * * *"'))
+    await daemon.start()
+
+    async def verified() -> bool:
+        m = await daemon.metrics()
+        return m[("mt5backup_last_verify_success", ())] == 1
+
+    await wait_for(verified, 30, "a scheduled test restore")
+    m = await daemon.metrics()
+    assert m[("mt5backup_last_verify_timestamp_seconds", ())] > 0
+    assert m[("mt5backup_last_verify_duration_seconds", ())] > 0

@@ -1,0 +1,113 @@
+"""Row counts in the dump's snapshot, and `mt5backupd verify` test restores."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mt5backupd import spool, state
+from mt5backupd.backup import run_backup
+from mt5backupd.jobs import run_verify
+from mt5backupd.rowcounts import compare
+from mt5backupd.sampledata import table_row_counts
+from mt5backupd.verify import SCRATCH_PREFIX
+from tests.backup_fixtures import BackupSetup
+from tests.test_backup import config_toml
+
+
+def scratch_databases(setup: BackupSetup) -> list[str]:
+    out = setup.pg.psql("SELECT datname FROM pg_database WHERE datname LIKE "
+                        f"'{SCRATCH_PREFIX}%'")  # noqa: S608 - a constant of ours
+    return out.split()
+
+
+@pytest.mark.parametrize(
+    ("expected", "restored", "problems"),
+    [
+        ({"public.a": {"rows": 3, "exact": True}}, {"public.a": 3}, []),
+        ({"public.a": {"rows": 3, "exact": True}}, {"public.a": 2}, ["public.a: 2 rows"]),
+        ({"public.a": {"rows": 3, "exact": True}}, {}, ["table public.a is missing"]),
+        ({"public.t": {"rows": 100_000, "exact": False}}, {"public.t": 95_000}, []),
+        ({"public.t": {"rows": 100_000, "exact": False}}, {"public.t": 50_000},
+         ["about 100000 estimated"]),
+    ],
+)
+def test_compare_counts(expected: dict[str, dict[str, object]], restored: dict[str, int],
+                        problems: list[str]) -> None:
+    """Exact counts must match; estimates within 10%; a missing table is a problem."""
+    found = compare(expected, restored)  # type: ignore[arg-type]
+    assert len(found) == len(problems)
+    for got, fragment in zip(found, problems, strict=True):
+        assert fragment in got
+
+
+async def test_counts_recorded_in_the_dump_snapshot(backup_setup: BackupSetup) -> None:
+    """The manifest carries exact per-table counts equal to the source's, and tables over
+    exact_count_max_bytes are marked as estimates."""
+    result = await run_backup(backup_setup.cfg)
+    manifest = spool.load_manifests(backup_setup.cfg.local.dir)[-1]
+    counts = manifest.extra["row_counts"]
+    source = await table_row_counts(backup_setup.pg.dsn(backup_setup.dbname))
+    assert {k.removeprefix("public."): v["rows"] for k, v in counts.items()} == source
+    assert all(v["exact"] for v in counts.values())
+    assert result.ok
+    estimated = await run_backup(backup_setup.with_(database={"exact_count_max_bytes": 0}))
+    assert estimated.ok
+    counts = spool.load_manifests(backup_setup.cfg.local.dir)[-1].extra["row_counts"]
+    assert not any(v["exact"] for v in counts.values())
+
+
+async def test_verify_passes_and_records_metrics(backup_setup: BackupSetup) -> None:
+    """A good backup verifies; the result and the restore time land in the manifest and the
+    state the daemon's metrics read; no scratch database is left."""
+    assert (await run_backup(backup_setup.cfg)).ok
+    outcome = await run_verify(backup_setup.cfg)
+    assert outcome.passed, outcome.reasons
+    assert outcome.tables == 7
+    assert outcome.restore_s > 0
+    manifest = spool.load_manifests(backup_setup.cfg.local.dir)[-1]
+    assert manifest.extra["verify"]["result"] == "passed"
+    run = state.last_run(state.load_state(backup_setup.cfg.local.dir), "verify")
+    assert run is not None
+    assert run.succeeded
+    assert scratch_databases(backup_setup) == []
+
+
+async def test_verify_fails_on_missing_table_data(backup_setup: BackupSetup,
+                                                  tmp_path: Path) -> None:
+    """A backup whose ticks data is missing (a pg_dump that left it out) fails verification
+    with the table named; the scratch database is gone afterwards."""
+    real = backup_setup.cfg.database.pg_dump
+    fake = tmp_path / "pg_dump"
+    fake.write_text(f'#!/bin/sh\nexec "{real}" "$@" --exclude-table-data=public.ticks\n')
+    fake.chmod(0o755)
+    assert (await run_backup(backup_setup.with_(database={"pg_dump": str(fake)}))).ok
+    outcome = await run_verify(backup_setup.cfg)
+    assert not outcome.passed
+    assert any("public.ticks" in r and "0 rows restored" in r for r in outcome.reasons)
+    assert scratch_databases(backup_setup) == []
+
+
+async def test_verify_fails_on_truncated_file_and_cli_exit(backup_setup: BackupSetup,
+                                                           tmp_path: Path) -> None:
+    """A truncated backup fails with expected and actual sha256; the CLI exits 6."""
+    result = await run_backup(backup_setup.cfg)
+    assert result.file is not None
+    size = result.file.stat().st_size
+    os.truncate(result.file, size // 2)
+    outcome = await run_verify(backup_setup.cfg)
+    assert not outcome.passed
+    assert result.sha256 in outcome.reasons[0]
+    toml = tmp_path / "c.toml"
+    toml.write_text(config_toml(backup_setup))
+    run = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "mt5backupd", "verify", "latest", "--config", str(toml)],
+        capture_output=True, text=True)
+    assert run.returncode == 6, run.stdout + run.stderr
+    assert "FAILED" in run.stdout
+    assert scratch_databases(backup_setup) == []
