@@ -21,8 +21,9 @@ from tests.test_backup import config_toml
 
 
 def scratch_databases(setup: BackupSetup) -> list[str]:
+    assert SCRATCH_PREFIX == "mt5backupd_verify_"
     out = setup.pg.psql("SELECT datname FROM pg_database WHERE datname LIKE "
-                        f"'{SCRATCH_PREFIX}%'")  # noqa: S608 - a constant of ours
+                        "'mt5backupd_verify_%'")
     return out.split()
 
 
@@ -40,7 +41,7 @@ def scratch_databases(setup: BackupSetup) -> list[str]:
 def test_compare_counts(expected: dict[str, dict[str, object]], restored: dict[str, int],
                         problems: list[str]) -> None:
     """Exact counts must match; estimates within 10%; a missing table is a problem."""
-    found = compare(expected, restored)  # type: ignore[arg-type]
+    found = compare(expected, restored)
     assert len(found) == len(problems)
     for got, fragment in zip(found, problems, strict=True):
         assert fragment in got
