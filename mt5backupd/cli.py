@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not restore object ownership (target roles differ)")
     rst.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
+    chk = sub.add_parser("check", help="self-test: tools, database, dirs, secrets, receiver, "
+                         "daemon (the legacy test-backup.sh)")
+    _add_common(chk, top=False)
+    chk.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+
     ver = sub.add_parser("verify", help="test-restore a backup into a scratch database")
     _add_common(ver, top=False)
     ver.add_argument("backup", metavar="ID|latest", nargs="?", default="latest")
@@ -166,6 +171,15 @@ def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _cmd_check(args: argparse.Namespace, config: Config) -> int:
+    from mt5backupd.checks import report, run_checks
+
+    setup_logging(config.log, "check", verbose=args.verbose)
+    text, code = report(asyncio.run(run_checks(config)), args.json)
+    print(text)
+    return code
+
+
 def _cmd_verify(args: argparse.Namespace, config: Config) -> int:
     from mt5backupd.jobs import run_verify
 
@@ -242,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_list(args, config)
         if args.command == "restore":
             return _cmd_restore(args, config)
+        if args.command == "check":
+            return _cmd_check(args, config)
         if args.command == "verify":
             return _cmd_verify(args, config)
         if args.command == "upload-pending":

@@ -1,0 +1,215 @@
+"""`mt5backupd check`: the legacy test-backup.sh as one command — every precondition of a good
+backup, one line each, with the fix for each failure. arq-style: it returns an exit code."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+
+from mt5backupd import spool
+from mt5backupd.backup import connect_db, db_preflight, receiver_client
+from mt5backupd.config import Config
+from mt5backupd.dump import check_dump_compatible, tool_version
+from mt5backupd.errors import EXIT_OK, EXIT_VERIFY, Mt5BackupError
+from mt5backupd.fsutil import free_bytes
+from mt5backupd.secretfiles import check_pgpass, database_password, remote_token
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"[{' OK ' if self.ok else 'FAIL'}] {self.name}: {self.detail}"
+        return text if self.ok or not self.fix else f"{text}\n       fix: {self.fix}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail,
+                "fix": self.fix or None}
+
+
+async def _guard(name: str, fix: str, probe: Callable[[], Awaitable[str]]) -> Check:
+    try:
+        return Check(name, True, await probe())
+    except (Mt5BackupError, OSError, aiohttp.ClientError, TimeoutError) as exc:
+        return Check(name, False, str(exc) or exc.__class__.__name__, fix)
+
+
+async def run_checks(cfg: Config) -> list[Check]:
+    db, results = cfg.database, []
+    versions: dict[str, int] = {}
+
+    async def tool(key: str, binary: str) -> str:
+        major, full = await tool_version(binary, key)
+        versions[key] = major
+        return f"{binary} {full}"
+
+    results.append(await _guard("pg_dump", "install the PostgreSQL client of the server's "
+                                "version, or set [database] pg_dump", lambda: tool("pg_dump",
+                                                                                   db.pg_dump)))
+    results.append(await _guard("pg_restore", "install the PostgreSQL client, or set "
+                                "[database] pg_restore", lambda: tool("pg_restore",
+                                                                      db.pg_restore)))
+
+    password_holder: list[Any] = []
+
+    async def secrets_probe() -> str:
+        password_holder.append(database_password(db))
+        with contextlib.suppress(RuntimeError):
+            pgpass = check_pgpass()
+            if pgpass is not None:
+                return f"password from {db.password_file or 'libpq'}; {pgpass} is protected"
+        return "protected" if db.password_file else "no password file (libpq/peer auth)"
+
+    results.append(await _guard("password file", "chmod 600 the file named above",
+                                secrets_probe))
+    password = password_holder[0] if password_holder else None
+
+    server_major: list[int] = []
+
+    async def database_probe() -> str:
+        server = await db_preflight(db, password)
+        server_major.append(server.major)
+        return f"connected to {db.dbname}, PostgreSQL {server.version}"
+
+    results.append(await _guard(
+        "database connection", "is PostgreSQL running? check [database] host/port/user/dbname "
+        "and the password", database_probe))
+    async def compatible_probe() -> str:
+        check_dump_compatible(versions["pg_dump"], server_major[0], db.pg_dump)
+        return f"pg_dump {versions['pg_dump']} >= server {server_major[0]}"
+
+    if server_major and "pg_dump" in versions:
+        results.append(await _guard(
+            "pg_dump version", "install a pg_dump of at least the server's major version",
+            compatible_probe))
+
+    async def privilege_probe() -> str:
+        conn = await connect_db(db, password, db.dbname)
+        try:
+            if await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+                return "superuser"
+            missing = await conn.fetch(
+                "SELECT c.oid::regclass::text AS t FROM pg_class c JOIN pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE c.relkind IN ('r','p','S','m') AND "
+                "n.nspname NOT IN ('pg_catalog','information_schema') AND "
+                "n.nspname NOT LIKE 'pg_toast%' AND NOT has_table_privilege(c.oid, 'SELECT') "
+                "LIMIT 5")
+        finally:
+            await conn.close()
+        if missing:
+            raise Mt5BackupError("no SELECT on " + ", ".join(r["t"] for r in missing))
+        return "SELECT on every table"
+
+    if server_major:
+        results.append(await _guard(
+            "dump privileges", "GRANT pg_read_all_data TO the backup role (or SELECT on the "
+            "tables named)", privilege_probe))
+
+    async def dir_probe() -> str:
+        directory = cfg.local.dir
+        directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        probe = directory / f".check-{secrets.token_hex(4)}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+        free = free_bytes(directory)
+        newest = spool.load_manifests(directory, "database")
+        need = 2 * newest[-1].size if newest else 0
+        if free < need:
+            raise Mt5BackupError(f"{directory}: {free / 1e9:.1f} GB free, under twice the last "
+                                 f"backup ({need / 2e9:.1f} GB)")
+        return f"{directory} writable, {free / 1e9:.1f} GB free"
+
+    results.append(await _guard(
+        "backup dir", f"create {cfg.local.dir} writable by this user, with room for two "
+        "backups", dir_probe))
+
+    if cfg.remote.url:
+        results += await _remote_checks(cfg)
+    results.append(await _guard(
+        "daemon", "start it: systemctl start mt5backupd (or mt5backupd run)",
+        lambda: _daemon_probe(cfg)))
+    return results
+
+
+async def _remote_checks(cfg: Config) -> list[Check]:
+    results = []
+
+    async def token_file_probe() -> str:
+        token = remote_token(cfg.remote)
+        if token is None:
+            raise Mt5BackupError("no token: set [remote] token_file")
+        return f"{cfg.remote.token_file or 'token'} is protected"
+
+    token_check = await _guard("token file", "chmod 600 the token file (and keep it owned by "
+                               "the backup user)", token_file_probe)
+    results.append(token_check)
+    url = cfg.remote.url or ""
+
+    async def health_probe() -> str:
+        client = receiver_client(cfg) if token_check.ok else None
+        if client is None:
+            from mt5backupd.upload import ReceiverClient
+
+            client = ReceiverClient(url, None, timeout_s=cfg.remote.timeout_s,
+                                    ca_file=cfg.remote.ca_file)
+        async with client:
+            body = await client.health()
+        return f"{url} ok (receiver {body.get('version', '?')})"
+
+    health = await _guard("receiver health", f"is `mt5backupd receiver` running and reachable "
+                          f"at {url}?", health_probe)
+    results.append(health)
+    if url.startswith("https://") and health.ok:
+        results.append(Check("TLS", True, "certificate chain and host name verified"
+                             + (f" against {cfg.remote.ca_file}" if cfg.remote.ca_file else "")))
+    elif url.startswith("https://"):
+        results.append(Check("TLS", False, "not verified (receiver unreachable or certificate "
+                             "refused; see above)", "check [remote] ca_file and the receiver's "
+                             "certificate"))
+    if health.ok and token_check.ok:
+        async def token_probe() -> str:
+            client = receiver_client(cfg)
+            assert client is not None
+            async with client:
+                who = await client.whoami()
+            return f"accepted as client {who.get('client')!r}"
+
+        results.append(await _guard("token", "mint one on the receiver: mt5backupd receiver "
+                                    "token add NAME, and put it in [remote] token_file",
+                                    token_probe))
+    return results
+
+
+async def _daemon_probe(cfg: Config) -> str:
+    host = cfg.http.listen_host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+    url = f"http://{host}:{cfg.http.listen_port}/status"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http, \
+            http.get(url) as resp:
+        status = await resp.json()
+    nxt = status["jobs"]["database"]["next_run"]
+    when = datetime.fromisoformat(nxt).astimezone().isoformat(timespec="minutes") if nxt \
+        else "not scheduled"
+    return f"running (version {status['version']}), next database backup {when}"
+
+
+def report(results: list[Check], as_json: bool) -> tuple[str, int]:
+    code = EXIT_OK if all(r.ok for r in results) else EXIT_VERIFY
+    if as_json:
+        return json.dumps({"ok": code == EXIT_OK,
+                           "checks": [r.to_json() for r in results]}, indent=2), code
+    failed = sum(not r.ok for r in results)
+    tail = "all checks passed" if not failed else f"{failed} check(s) failed"
+    return "\n".join([*(r.line() for r in results), tail]), code
+
