@@ -7,7 +7,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from loguru import logger
@@ -237,6 +237,17 @@ def _cmd_receiver(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "run": _cmd_daemon,
+    "receiver": _cmd_receiver,
+    "list": _cmd_list,
+    "restore": _cmd_restore,
+    "check": _cmd_check,
+    "verify": _cmd_verify,
+    "upload-pending": _cmd_upload_pending,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -250,21 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command is not None:
                 parser.error("--run-now takes no command")
             return _cmd_run_now(args, config)
-        if args.command == "receiver":
-            return _cmd_receiver(args, config)
-        if args.command == "list":
-            return _cmd_list(args, config)
-        if args.command == "restore":
-            return _cmd_restore(args, config)
-        if args.command == "check":
-            return _cmd_check(args, config)
-        if args.command == "verify":
-            return _cmd_verify(args, config)
-        if args.command == "upload-pending":
-            return _cmd_upload_pending(args, config)
-        if args.command in (None, "run"):
-            return _cmd_daemon(args, config)
-        parser.error(f"unknown command {args.command!r}")
+        command = _COMMANDS.get(args.command or "run")
+        if command is None:
+            parser.error(f"unknown command {args.command!r}")
+        return command(args, config)
     except Mt5BackupError as exc:
         if verbose:
             logger.opt(exception=exc).debug("traceback")

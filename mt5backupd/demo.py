@@ -8,7 +8,6 @@ row counts compared with the source.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import shutil
 import tempfile
@@ -22,28 +21,17 @@ from mt5backupd.config import (
     LocalConfig,
     ReceiverConfig,
     RemoteConfig,
-    Secret,
 )
-from mt5backupd.dump import libpq_env
 from mt5backupd.errors import EXIT_FAILURE, EXIT_OK, VerifyError
 from mt5backupd.fsutil import atomic_write_bytes
 from mt5backupd.pgcluster import PgCluster
-from mt5backupd.pgrestore import run_pg_restore
 from mt5backupd.receiver.app import start_receiver
 from mt5backupd.receiver.auth import TokenStore, add_token
+from mt5backupd.restore import restore
 from mt5backupd.sampledata import generate, table_row_counts
-from mt5backupd.upload import ReceiverClient
 
 SOURCE_DB = "mt5_trading"
 CHECK_DB = "mt5_restore_check"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1024 * 1024):
-            h.update(block)
-    return h.hexdigest()
 
 
 async def run_demo(*, size_bytes: int, keep_dir: Path | None, as_json: bool) -> int:
@@ -86,29 +74,14 @@ async def run_demo(*, size_bytes: int, keep_dir: Path | None, as_json: bool) -> 
                 if not result.ok:
                     return result.exit_code
 
-                downloaded = base / "downloaded" / (result.file.name if result.file else "")
-                downloaded.parent.mkdir(exist_ok=True)
-                async with ReceiverClient(receiver.url, Secret(token), timeout_s=30) as client:
-                    remote_sha = await client.download(downloaded.name, downloaded)
-                local_sha = await asyncio.to_thread(_sha256_file, downloaded)
-                if not (remote_sha == local_sha == result.sha256):
-                    raise VerifyError(f"sha256 differs: backup {result.sha256}, receiver "
-                                      f"{remote_sha}, downloaded {local_sha}")
-                say(f"demo: receiver's copy downloaded, sha256 matches ({local_sha[:16]}...)")
+                # the product's own restore: download from the receiver, sha256 check, restore
+                restored = await restore(cfg, "latest", CHECK_DB, source="remote", create=True)
+                say(f"demo: receiver's copy downloaded, sha256 matches ({restored.sha256[:16]}"
+                    "...)")
             finally:
                 await receiver.close()
-
-            await asyncio.to_thread(pg.create_database, CHECK_DB)
-            env = libpq_env(cfg.database, None)
-            env["PGDATABASE"] = CHECK_DB
-            t1 = time.monotonic()
-            rc, _out, err = await run_pg_restore(
-                cfg.database.pg_restore, downloaded,
-                ["--exit-on-error", "--no-owner", f"--dbname={CHECK_DB}"], env=env)
-            if rc != 0:
-                raise VerifyError(f"pg_restore failed: {err.strip().splitlines()[-1:]}")
             restored_counts = await table_row_counts(pg.dsn(CHECK_DB))
-            restore_s = time.monotonic() - t1
+            restore_s = restored.restore_s
             report["source_rows"] = source_counts
             report["restored_rows"] = restored_counts
             if restored_counts != source_counts:
