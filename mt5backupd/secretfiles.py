@@ -6,6 +6,7 @@ fails at 03:00 with "password authentication failed" is worse than a clear error
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,9 +38,14 @@ def read_secret_file(path: Path, what: str) -> Secret:
 
 
 def _credential(name: str, env: Mapping[str, str]) -> Path | None:
+    """The systemd credential file, if present and not empty (the installer ships empty ones
+    for secrets an operator does not use)."""
     directory = env.get("CREDENTIALS_DIRECTORY")
-    if directory and (Path(directory) / name).is_file():
-        return Path(directory) / name
+    if directory:
+        path = Path(directory) / name
+        with contextlib.suppress(OSError):
+            if path.is_file() and path.stat().st_size > 0:
+                return path
     return None
 
 

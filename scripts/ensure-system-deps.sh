@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system tools the tests and the demo use, when missing: PostgreSQL server binaries
-# (initdb/pg_ctl/pg_dump/pg_restore), curl (the legacy client flow), zstd (manual restore one-liner).
+# (initdb/pg_ctl/pg_dump/pg_restore), curl (the legacy client flow), zstd (manual restore one-liner),
+# promtool (alert rules) and systemd-analyze (unit files).
 set -euo pipefail
 
 need=()
@@ -10,6 +11,8 @@ fi
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)          # promtool: alert rule tests
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)     # unit file verification
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -167,6 +167,13 @@ def list_tokens(path: Path) -> list[TokenEntry]:
 
 
 def _write_entries(path: Path, entries: list[TokenEntry]) -> None:
+    """Replace the file, keeping its owner: `token add` runs as root, the receiver as its own
+    user, which must still be able to read the file afterwards."""
+    try:
+        st = path.stat()
+        owner: tuple[int, int] | None = (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        owner = None
     atomic_write_json(
         path,
         {"tokens": [{"name": e.name, "sha256": e.digest, "admin": e.admin, "created": e.created}
@@ -174,3 +181,5 @@ def _write_entries(path: Path, entries: list[TokenEntry]) -> None:
         mode=0o600,
     )
     os.chmod(path, 0o600)
+    if owner is not None and os.geteuid() == 0:
+        os.chown(path, *owner)

@@ -1,0 +1,92 @@
+"""Import the legacy /etc/default/mt5-backup into a new config (used by packaging/install.sh).
+
+Values go into the TOML written from config.example.toml; the password and the token go into
+0600 credential files (loaded by systemd with LoadCredential=), never into the TOML, never
+printed.
+
+    python -m mt5backupd.legacy_import --example config.example.toml \\
+        --env-file /etc/default/mt5-backup --config-out /etc/mt5backupd/config.toml \\
+        --credentials /etc/mt5backupd/credentials
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from mt5backupd.config import load_config, normalize_remote_url, read_env_file
+from mt5backupd.errors import Mt5BackupError
+from mt5backupd.fsutil import atomic_write_bytes
+
+# legacy variable -> (section, key, kind)
+MAPPING = {
+    "POSTGRES_DB": ("database", "dbname", str),
+    "POSTGRES_USER": ("database", "user", str),
+    "POSTGRES_HOST": ("database", "host", str),
+    "POSTGRES_PORT": ("database", "port", int),
+    "BACKUP_DIR": ("local", "dir", str),
+    "KEEP_LOCAL_BACKUPS": ("local", "keep", int),
+    "BACKUP_API_URL": ("remote", "url", str),
+    "MAX_RETRIES": ("remote", "max_retries", int),
+    "RETRY_DELAY": ("remote", "retry_delay_s", float),
+}
+
+
+def set_key(text: str, section: str, key: str, value: str) -> str:
+    """Set ``key = value`` in ``[section]`` of a TOML text, replacing an active or commented-out
+    line for that key, or adding one under the section header."""
+    header = re.search(rf"^\[{re.escape(section)}\]\s*$", text, flags=re.M)
+    if header is None:
+        return text.rstrip("\n") + f"\n\n[{section}]\n{key} = {value}\n"
+    start = header.end()
+    nxt = re.search(r"^\[", text[start:], flags=re.M)
+    end = start + nxt.start() if nxt else len(text)
+    body = text[start:end]
+    line = re.compile(rf"^#? ?{re.escape(key)} = .*$", flags=re.M)
+    body = line.sub(f"{key} = {value}", body, count=1) if line.search(body) else \
+        f"\n{key} = {value}" + body
+    return text[:start] + body + text[end:]
+
+
+def import_legacy(example: Path, env_file: Path, config_out: Path, credentials: Path) -> None:
+    env = read_env_file(env_file)
+    text = example.read_text()
+    for var, (section, key, kind) in MAPPING.items():
+        raw = env.get(var)
+        if not raw:
+            continue
+        if var == "BACKUP_API_URL":
+            raw = normalize_remote_url(raw)
+        value = json.dumps(raw) if kind is str else str(kind(raw))
+        text = set_key(text, section, key, value)
+    credentials.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for var, name in (("POSTGRES_PASSWORD", "db-password"), ("BACKUP_API_TOKEN", "remote-token")):
+        if env.get(var):
+            atomic_write_bytes(credentials / name, env[var].encode(), mode=0o600)
+    if env.get("BACKUP_API_TOKEN"):
+        text = set_key(text, "remote", "token_file", json.dumps(str(credentials /
+                                                                     "remote-token")))
+    atomic_write_bytes(config_out, text.encode(), mode=0o600)
+    load_config(config_out, env={})  # the result must load; an error names the key
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="import /etc/default/mt5-backup")
+    parser.add_argument("--example", type=Path, required=True)
+    parser.add_argument("--env-file", type=Path, required=True)
+    parser.add_argument("--config-out", type=Path, required=True)
+    parser.add_argument("--credentials", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        import_legacy(args.example, args.env_file, args.config_out, args.credentials)
+    except Mt5BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
