@@ -40,6 +40,7 @@ from mt5backupd.receiver.storage import (
     UploadBusy,
 )
 from mt5backupd.retention import Policy
+from mt5backupd.sdnotify import Notifier as SystemdNotifier
 
 READ_BUFSIZE = 1024 * 1024
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
@@ -582,9 +583,12 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     logger.info("receiver {} listening on {} (data_dir {}, {} tokens)", __version__, running.url,
                 config.receiver.data_dir, len(tokens.entries))
+    systemd = SystemdNotifier()
+    systemd.send("READY=1", f"STATUS=listening on {running.url}")
     try:
         await stop.wait()
     finally:
+        systemd.send("STOPPING=1")
         logger.info("receiver stopping")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
