@@ -46,10 +46,8 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,11 +62,11 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import asyncpg
+import common  # bench/common.py: this script's directory is on sys.path
 import zstandard
 
-from mt5backupd import __version__
 from mt5backupd.config import DEFAULT_COMPRESSION, DatabaseConfig, parse_compression
-from mt5backupd.pgcluster import PgCluster
+from mt5backupd.pgcluster import PgCluster, free_port
 from mt5backupd.receiver import auth
 from mt5backupd.sampledata import data_bytes, generate
 
@@ -134,13 +132,6 @@ def clean_env() -> dict[str, str]:
             if not k.startswith("PG") and not k.startswith(legacy)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def stop_group(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
     """SIGTERM the child's process group (it runs in its own session), SIGKILL if it lingers."""
     if proc.poll() is not None:
@@ -159,35 +150,11 @@ def stop_group(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
 
 
 def machine_info(path: Path, pg_version: str) -> dict[str, str]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = "unknown"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) * KiB / GiB:.1f} GiB"
-                break
-    fstype = "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
-        out = subprocess.run(["df", "--output=fstype,source", str(path)], capture_output=True,
-                             text=True, check=True, timeout=10).stdout.splitlines()
-        fstype = " on ".join(out[1].split()[:2])
     return {
-        "nproc": str(len(os.sched_getaffinity(0))),
-        "cpu": model,
-        "memory": mem,
-        "kernel": platform.release(),
-        "filesystem": fstype,
+        **common.machine_info(path),
         "postgresql": pg_version,
-        "python": platform.python_version(),
         "zstandard": f"{zstandard.__version__} ({zstandard.backend})",
-        "mt5backupd": __version__,
         "gnu time": GNU_TIME if gnu_time_available() else "not installed (RSS polled)",
-        "page reporting": "yes (virtio-balloon)" if free_page_reporting() else "no",
     }
 
 
@@ -198,17 +165,6 @@ def gnu_time_available() -> bool:
         out = subprocess.run([GNU_TIME, "--version"], capture_output=True, text=True,
                              timeout=10, check=False)
         return "GNU" in out.stdout + out.stderr
-    return False
-
-
-def free_page_reporting() -> bool:
-    """True in a VM whose balloon reports freed pages to the host (see bench/receiver.py)."""
-    for dev in Path("/sys/bus/virtio/devices").glob("*"):
-        with contextlib.suppress(OSError, ValueError):
-            if int((dev / "device").read_text(), 16) == 5:
-                features = (dev / "features").read_text().strip()
-                if len(features) > 5 and features[5] == "1":
-                    return True
     return False
 
 

@@ -36,7 +36,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -54,8 +53,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import common  # bench/common.py: this script's directory is on sys.path
 
-from mt5backupd import __version__
+from mt5backupd.pgcluster import free_port
 from mt5backupd.receiver import auth
 
 KiB = 1024
@@ -122,55 +122,14 @@ def repeated_sha256(block: bytes, total: int) -> tuple[str, float]:
 # ---------------------------------------------------------------- machine description
 
 
-def free_page_reporting() -> bool:
-    """True in a VM whose balloon reports freed pages to the host (VIRTIO_BALLOON_F_REPORTING).
-
-    There, memory left free for a couple of seconds loses its host backing, and the next
-    page-cache fill pays a host page fault per page: writes then run at a fraction of their
-    warm speed, whoever does them.
-    """
-    for dev in Path("/sys/bus/virtio/devices").glob("*"):
-        with contextlib.suppress(OSError, ValueError):
-            if int((dev / "device").read_text(), 16) == 5:  # balloon
-                features = (dev / "features").read_text().strip()
-                if len(features) > 5 and features[5] == "1":
-                    return True
-    return False
-
-
 def machine_info(path: Path) -> dict[str, str]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = "unknown"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) * KiB / GiB:.1f} GiB"
-                break
-    fstype = source = "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError, ValueError):
-        out = subprocess.run(["df", "--output=fstype,source", str(path)], capture_output=True,
-                             text=True, check=True, timeout=10).stdout.splitlines()
-        fstype, source = out[1].split()[:2]
     statf = "unknown"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         statf = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True,
                                text=True, check=True, timeout=10).stdout.strip()
-    return {
-        "nproc": str(len(os.sched_getaffinity(0))),
-        "cpu": model,
-        "memory": mem,
-        "kernel": platform.release(),
-        "filesystem": f"{fstype} on {source} (stat -f: {statf})",
-        "python": platform.python_version(),
-        "aiohttp": aiohttp.__version__,
-        "mt5backupd": __version__,
-        "page reporting": "yes (virtio-balloon)" if free_page_reporting() else "no",
-    }
+    info = common.machine_info(path)
+    info["filesystem"] += f" (stat -f: {statf})"
+    return {**info, "aiohttp": aiohttp.__version__}
 
 
 # ---------------------------------------------------------------- 1. disk baseline
@@ -531,13 +490,6 @@ def stop_process(proc: subprocess.Popen[Any]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

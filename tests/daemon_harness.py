@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from mt5backupd.pgcluster import free_port
 from tests.backup_fixtures import BackupSetup
-from tests.receiver_harness import free_port
 
 
 def daemon_toml(setup: BackupSetup, *, database: str, extra: str = "",

@@ -17,7 +17,7 @@ from mt5backupd import spool
 from mt5backupd.backup import pending_command, run_backup
 from mt5backupd.config import Config, parse_compression
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, ConfigError
-from mt5backupd.pgcluster import PgCluster
+from mt5backupd.pgcluster import PgCluster, free_port
 from mt5backupd.sampledata import generate, table_checksums, table_row_counts
 from tests.backup_fixtures import BackupSetup, database_config, write_token
 
@@ -152,7 +152,6 @@ async def test_server_killed_mid_dump_leaves_nothing(receiver: object, tmp_path:
 async def test_receiver_down_then_upload_pending(backup_setup: BackupSetup) -> None:
     """Receiver unreachable at start: local backup kept as pending with exit 3; once the
     receiver is back, upload-pending commits it (and a later run would do the same first)."""
-    from tests.receiver_harness import free_port
 
     down_url = f"http://127.0.0.1:{free_port()}"
     cfg = backup_setup.with_(remote={"url": down_url})
@@ -174,7 +173,6 @@ async def test_receiver_down_then_upload_pending(backup_setup: BackupSetup) -> N
 async def test_abort_policy_takes_no_backup(backup_setup: BackupSetup) -> None:
     """on_unavailable = "abort" (the legacy behaviour) fails before dumping."""
     from mt5backupd.errors import Mt5BackupError
-    from tests.receiver_harness import free_port
 
     cfg = backup_setup.with_(remote={"url": f"http://127.0.0.1:{free_port()}",
                                      "on_unavailable": "abort"})
@@ -268,7 +266,6 @@ async def test_stalled_pg_dump_is_killed_with_its_group(backup_setup: BackupSetu
 
 async def test_rotation_keeps_newest_and_pending(backup_setup: BackupSetup) -> None:
     """keep=2 leaves the two newest; a pending backup is never rotated away."""
-    from tests.receiver_harness import free_port
 
     pending = await run_backup(backup_setup.with_(remote={"url": f"http://127.0.0.1:{free_port()}"}))
     assert pending.upload_state == "pending"
@@ -285,7 +282,6 @@ async def test_rotation_keeps_newest_and_pending(backup_setup: BackupSetup) -> N
 
 async def test_pending_backup_survives_rotation(backup_setup: BackupSetup) -> None:
     """While the receiver stays down, rotation never deletes a pending (only) copy."""
-    from tests.receiver_harness import free_port
 
     down = backup_setup.with_(remote={"url": f"http://127.0.0.1:{free_port()}"},
                               local={"keep": 1})
@@ -382,7 +378,6 @@ async def test_upload_pending_resumes_recorded_session(backup_setup: BackupSetup
     receiver's offset, not sent again from zero."""
     from mt5backupd.config import Secret
     from mt5backupd.upload import ReceiverClient
-    from tests.receiver_harness import free_port
 
     result = await run_backup(backup_setup.with_(remote={"url": f"http://127.0.0.1:{free_port()}"}))
     assert result.upload_state == "pending"

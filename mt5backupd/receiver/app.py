@@ -168,7 +168,12 @@ BODY_IDLE_TIMEOUT_S = 120.0
 async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
     """The body as it arrives. A client silent for BODY_IDLE_TIMEOUT_S (a half-open TCP
     connection) ends the request, so it cannot hold its upload's lock for hours."""
-    while chunk := await asyncio.wait_for(request.content.readany(), BODY_IDLE_TIMEOUT_S):
+    while True:
+        # asyncio.timeout, not wait_for: no extra task per chunk on the ingest path
+        async with asyncio.timeout(BODY_IDLE_TIMEOUT_S):
+            chunk = await request.content.readany()
+        if not chunk:
+            return
         yield chunk
 
 
