@@ -5,9 +5,9 @@ Run it (from the repository root)::
     .venv/bin/python bench/backup.py                  # 1 GiB database, everything
     .venv/bin/python bench/backup.py --size-mb 256 --skip-table
 
-What it measures, in one run, on a throwaway PostgreSQL cluster filled by ``mt5backupd.sampledata``
-with ``--size-mb`` MiB of MT5-like data, and a real ``mt5backupd receiver`` subprocess on
-loopback:
+What it measures, in one run, on a throwaway PostgreSQL cluster filled by
+``mt5backupd.testkit.sampledata`` with ``--size-mb`` MiB of MT5-like data, and a real
+``mt5backupd receiver`` subprocess on loopback:
 
 1. **Baseline A**: bare ``pg_dump -Fc -Z0 > /dev/null`` (best of ``--repeat``).
 2. **Default**: ``mt5backupd --run-now`` (a subprocess, with the default compression
@@ -66,9 +66,11 @@ import common  # bench/common.py: this script's directory is on sys.path
 import zstandard
 
 from mt5backupd.config import DEFAULT_COMPRESSION, DatabaseConfig, parse_compression
-from mt5backupd.pgcluster import PgCluster, free_port
 from mt5backupd.receiver import auth
-from mt5backupd.sampledata import data_bytes, generate
+from mt5backupd.testkit.dbcontent import data_bytes
+from mt5backupd.testkit.pgcluster import PgCluster
+from mt5backupd.testkit.pghost import free_port
+from mt5backupd.testkit.sampledata import generate
 
 T = TypeVar("T")
 KiB = 1024
@@ -998,7 +1000,8 @@ class Report:
             "",
             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}, "
             f"{m['filesystem']}; PostgreSQL {m['postgresql']}, Python {m['python']}, zstandard "
-            f"{m['zstandard']}, mt5backupd {m['mt5backupd']}. Database: `mt5backupd.sampledata` "
+            f"{m['zstandard']}, mt5backupd {m['mt5backupd']}. Database: "
+            "`mt5backupd.testkit.sampledata` "
             f"at --size-mb {self.size_mb:g} ({main_mb:.0f} MB of table data, pg_dump -Fc -Z0 "
             f"output {ours.raw_bytes / MB:.0f} MB). PostgreSQL, mt5backupd and the receiver all "
             "run on this one machine (receiver over loopback), so the receiver's CPU competes "

@@ -1,7 +1,7 @@
 """What the benchmark scripts share: the machine description and a VM quirk detector.
 
 Scripts run as ``python bench/NAME.py``, so this directory is on sys.path and they import it as
-``common``. A free port comes from ``mt5backupd.pgcluster.free_port`` like everywhere else.
+``common``. A free port comes from ``mt5backupd.testkit.pghost.free_port`` like everywhere else.
 """
 
 from __future__ import annotations

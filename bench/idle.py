@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from mt5backupd.pgcluster import free_port
+from mt5backupd.testkit.pghost import free_port
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

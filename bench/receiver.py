@@ -55,8 +55,8 @@ from typing import Any
 import aiohttp
 import common  # bench/common.py: this script's directory is on sys.path
 
-from mt5backupd.pgcluster import free_port
 from mt5backupd.receiver import auth
+from mt5backupd.testkit.pghost import free_port
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mt5backupd.pgcluster import PgCluster
-from mt5backupd.sampledata import generate
+from mt5backupd.testkit.pgcluster import PgCluster
+from mt5backupd.testkit.sampledata import generate
 
 
 def timed(cmd: list[str] | str, env: dict[str, str], shell: bool = False) -> float:

@@ -202,7 +202,7 @@ def _cmd_upload_pending(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from mt5backupd.demo import run_demo
+    from mt5backupd.testkit.demo import run_demo
 
     setup_logging(None, "demo", verbose=args.verbose)
     keep = Path(args.keep) if args.keep else None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mt5backupd.config import Config, DatabaseConfig, LocalConfig, RemoteConfig
-from mt5backupd.pgcluster import PgCluster
+from mt5backupd.testkit.pgcluster import PgCluster
 from tests.conftest import Receiver
 
 

@@ -8,10 +8,10 @@ import aiohttp
 import pytest
 
 from mt5backupd.config import ReceiverConfig
-from mt5backupd.pgcluster import free_port
 from mt5backupd.receiver.app import RunningReceiver, start_receiver
 from mt5backupd.receiver.auth import TokenStore
 from mt5backupd.receiver.metrics import ReceiverMetrics
+from mt5backupd.testkit.pghost import free_port
 from tests.receiver_harness import (
     ReceiverProcess,
     TokenSet,

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from mt5backupd.pgcluster import free_port
+from mt5backupd.testkit.pghost import free_port
 from tests.backup_fixtures import BackupSetup
 
 

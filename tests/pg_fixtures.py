@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
-from mt5backupd.pgcluster import PgCluster
-from mt5backupd.sampledata import generate
+from mt5backupd.testkit.pgcluster import PgCluster
+from mt5backupd.testkit.sampledata import generate
 
 SAMPLE_DB_BYTES = 2 * 1024 * 1024
 
@@ -34,3 +35,19 @@ async def sample_db(pg_cluster: PgCluster) -> AsyncIterator[str]:
         yield name
     finally:
         pg_cluster.drop_database(name)
+
+
+def live_processes_mentioning(text: str) -> list[int]:
+    """PIDs of non-zombie processes whose command line contains ``text``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if text in cmdline and stat[stat.rfind(")") + 2] not in "ZX":
+            pids.append(int(entry.name))
+    return pids

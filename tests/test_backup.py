@@ -17,8 +17,10 @@ from mt5backupd import spool
 from mt5backupd.backup import pending_command, run_backup
 from mt5backupd.config import Config, parse_compression
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, ConfigError
-from mt5backupd.pgcluster import PgCluster, free_port
-from mt5backupd.sampledata import generate, table_checksums, table_row_counts
+from mt5backupd.testkit.dbcontent import table_checksums, table_row_counts
+from mt5backupd.testkit.pgcluster import PgCluster
+from mt5backupd.testkit.pghost import free_port
+from mt5backupd.testkit.sampledata import generate
 from tests.backup_fixtures import BackupSetup, database_config, write_token
 
 

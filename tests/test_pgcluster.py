@@ -10,26 +10,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from mt5backupd import sampledata
-from mt5backupd.pgcluster import PgCluster, PgClusterError, find_bin_dir
+from mt5backupd.testkit import dbcontent, sampledata
+from mt5backupd.testkit.pgcluster import PgCluster, PgClusterError
+from mt5backupd.testkit.pghost import find_bin_dir
+from tests.pg_fixtures import live_processes_mentioning
 
 SAMPLE_DB_BYTES = 2 * 1024 * 1024  # what the sample_db fixture asks generate() for
-
-
-def _live_processes_mentioning(text: str) -> list[int]:
-    """PIDs of non-zombie processes whose command line contains ``text``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if text in cmdline and stat[stat.rfind(")") + 2] not in "ZX":
-            pids.append(int(entry.name))
-    return pids
 
 
 def test_bin_dir_override_must_contain_initdb(tmp_path: Path) -> None:
@@ -43,11 +29,11 @@ async def test_sample_db_fills_all_tables_to_about_the_target(
     pg_cluster: PgCluster, sample_db: str
 ) -> None:
     """generate() fills all 7 MT5 tables and lands within 2x of the requested size."""
-    counts = await sampledata.table_row_counts(pg_cluster.dsn(sample_db))
+    counts = await dbcontent.table_row_counts(pg_cluster.dsn(sample_db))
     assert set(counts) == set(sampledata.TABLES)
     assert all(n > 0 for n in counts.values()), counts
     assert counts["ticks"] > 10 * counts["bars"] > 0
-    size = await sampledata.data_bytes(pg_cluster.dsn(sample_db))
+    size = await dbcontent.data_bytes(pg_cluster.dsn(sample_db))
     assert SAMPLE_DB_BYTES / 2 < size < SAMPLE_DB_BYTES * 2
 
 
@@ -79,12 +65,12 @@ async def test_checksums_are_stable_and_see_a_one_row_change(
 ) -> None:
     """table_checksums() repeats exactly and changes when a single value changes."""
     dsn = pg_cluster.dsn(sample_db)
-    first = await sampledata.table_checksums(dsn)
+    first = await dbcontent.table_checksums(dsn)
     assert set(first) == set(sampledata.TABLES)
-    assert await sampledata.table_checksums(dsn) == first
+    assert await dbcontent.table_checksums(dsn) == first
     pg_cluster.psql("UPDATE deals SET swap = swap + 0.01 WHERE ticket = (SELECT min(ticket) "
                     "FROM deals)", sample_db)
-    changed = await sampledata.table_checksums(dsn)
+    changed = await dbcontent.table_checksums(dsn)
     assert changed["deals"] != first["deals"]
     assert {k: v for k, v in changed.items() if k != "deals"} == {
         k: v for k, v in first.items() if k != "deals"
@@ -97,8 +83,8 @@ async def test_generation_is_reproducible(pg_cluster: PgCluster, sample_db: str)
     pg_cluster.create_database(other)
     try:
         await sampledata.generate(pg_cluster.dsn(other), target_bytes=SAMPLE_DB_BYTES, parallel=3)
-        assert await sampledata.table_checksums(pg_cluster.dsn(other)) == (
-            await sampledata.table_checksums(pg_cluster.dsn(sample_db))
+        assert await dbcontent.table_checksums(pg_cluster.dsn(other)) == (
+            await dbcontent.table_checksums(pg_cluster.dsn(sample_db))
         )
     finally:
         pg_cluster.drop_database(other)
@@ -109,10 +95,10 @@ async def test_generate_refuses_to_overwrite_existing_tables(
 ) -> None:
     """Without replace=True an existing MT5 schema is an error and is left untouched."""
     dsn = pg_cluster.dsn(sample_db)
-    before = await sampledata.table_row_counts(dsn)
+    before = await dbcontent.table_row_counts(dsn)
     with pytest.raises(asyncpg.DuplicateTableError):
         await sampledata.generate(dsn, target_bytes=SAMPLE_DB_BYTES)
-    assert await sampledata.table_row_counts(dsn) == before
+    assert await dbcontent.table_row_counts(dsn) == before
 
 
 async def test_dsn_and_env_reach_the_cluster_from_asyncpg_and_psql(pg_cluster: PgCluster) -> None:
@@ -181,7 +167,7 @@ def test_context_exit_removes_directory_and_leaves_no_postmaster(tmp_path: Path)
     with pytest.raises(RuntimeError, match="test body failed"), PgCluster.create(tmp_path) as pg:
         root, data_dir = pg.root, pg.data_dir
         assert pg.is_running()
-        assert _live_processes_mentioning(str(data_dir))
+        assert live_processes_mentioning(str(data_dir))
         raise RuntimeError("test body failed")
     assert not root.exists()
-    assert _live_processes_mentioning(str(data_dir)) == []
+    assert live_processes_mentioning(str(data_dir)) == []

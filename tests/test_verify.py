@@ -14,7 +14,7 @@ from mt5backupd import spool, state
 from mt5backupd.backup import run_backup
 from mt5backupd.jobs import run_verify
 from mt5backupd.rowcounts import compare
-from mt5backupd.sampledata import table_row_counts
+from mt5backupd.testkit.dbcontent import table_row_counts
 from mt5backupd.verify import SCRATCH_PREFIX
 from tests.backup_fixtures import BackupSetup
 from tests.test_backup import config_toml
