@@ -69,7 +69,7 @@ from mt5backupd.config import DEFAULT_COMPRESSION, DatabaseConfig, parse_compres
 from mt5backupd.receiver import auth
 from mt5backupd.testkit.dbcontent import data_bytes
 from mt5backupd.testkit.pgcluster import PgCluster
-from mt5backupd.testkit.pghost import free_port
+from mt5backupd.testkit.receiverproc import ReceiverProcess
 from mt5backupd.testkit.sampledata import generate
 
 T = TypeVar("T")
@@ -442,8 +442,6 @@ class Bench:
         self.gnu_time = gnu_time_available()
         self.interval_s = 0.05 if self.gnu_time else 0.02
         self.pg: PgCluster | None = None
-        self.rx_proc: subprocess.Popen[bytes] | None = None
-        self.rx_port = free_port()
         self.client_token = ""
         self.admin_token = ""
         self.token_file = work / "remote-token"
@@ -451,6 +449,10 @@ class Bench:
         self.prewarm_bytes = 0
         self.seq = 0
         self.env = clean_env()
+        self.rx = ReceiverProcess(
+            work / "receiver", env=self.env,
+            extra_toml=f"max_upload_bytes = {1024 * GiB}\npartial_ttl_s = 86400\n",
+        )
         self.busy_before = 0.0
 
     # -- cluster -------------------------------------------------------------------------
@@ -470,52 +472,23 @@ class Bench:
 
     @property
     def rx_url(self) -> str:
-        return f"http://127.0.0.1:{self.rx_port}"
+        return self.rx.url
 
     def start_receiver(self, timeout_s: float = 30.0) -> None:
-        rx_dir = self.work / "receiver"
-        rx_dir.mkdir()
-        tokens = rx_dir / "tokens.json"
-        self.client_token = auth.add_token(tokens, CLIENT, admin=False)
-        self.admin_token = auth.add_token(tokens, "ops", admin=True)
+        self.rx.workdir.mkdir()
+        self.client_token = auth.add_token(self.rx.tokens_file, CLIENT, admin=False)
+        self.admin_token = auth.add_token(self.rx.tokens_file, "ops", admin=True)
         fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(self.client_token + "\n")
-        config = rx_dir / "receiver.toml"
-        config.write_text(
-            "[receiver]\n"
-            f'listen = "127.0.0.1:{self.rx_port}"\n'
-            f'data_dir = "{rx_dir / "data"}"\n'
-            f'tokens_file = "{tokens}"\n'
-            "min_free_bytes = 0\n"
-            f"max_upload_bytes = {1024 * GiB}\n"
-            "partial_ttl_s = 86400\n"
-        )
-        with (rx_dir / "receiver.log").open("ab") as out:
-            self.rx_proc = subprocess.Popen(
-                [sys.executable, "-m", "mt5backupd", "receiver", "--config", str(config)],
-                stdout=out, stderr=out, env=self.env, start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.rx_proc.poll() is not None:
-                raise RuntimeError(f"receiver exited: {self.receiver_log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.rx_url}/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("receiver did not become healthy")
+        self.rx.start(timeout_s)
 
     def receiver_log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return (self.work / "receiver" / "receiver.log").read_text()[-3000:]
-        return ""
+        return self.rx.log_tail()
 
     @property
     def rx_pid(self) -> int:
-        return self.rx_proc.pid if self.rx_proc is not None else 0
+        return self.rx.proc.pid if self.rx.proc is not None else 0
 
     def rx_call(self, method: str, path: str) -> dict[str, Any]:
         req = urllib.request.Request(f"{self.rx_url}{path}", method=method,
@@ -1216,15 +1189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     run(b, report)
                 except BaseException:
-                    if b.rx_proc is not None:
+                    if b.rx.proc is not None:
                         print(f"receiver log (tail):\n{b.receiver_log_tail()}", file=sys.stderr)
                     raise
                 finally:
-                    if b.rx_proc is not None:
-                        stop_group(b.rx_proc)
+                    b.rx.stop()
         finally:
-            if b.rx_proc is not None:
-                stop_group(b.rx_proc)
+            b.rx.stop()
     if report is None or not report.baseline or not report.default_runs:
         return 1
     print(report.text())

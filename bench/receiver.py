@@ -56,7 +56,7 @@ import aiohttp
 import common  # bench/common.py: this script's directory is on sys.path
 
 from mt5backupd.receiver import auth
-from mt5backupd.testkit.pghost import free_port
+from mt5backupd.testkit.receiverproc import ReceiverProcess
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -468,6 +468,16 @@ def run_sink() -> None:
                          b"Connection: close\r\n\r\n" % got)
 
 
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextlib.contextmanager
 def sink_process() -> Iterator[int]:
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--run-sink"],
@@ -482,79 +492,46 @@ def sink_process() -> Iterator[int]:
 # ---------------------------------------------------------------- 2b. the real receiver
 
 
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@dataclass
 class Receiver:
     """``mt5backupd receiver`` as a subprocess on a loopback port, with one admin token."""
 
-    workdir: Path
-    host: str = "127.0.0.1"
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    token: str = ""
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.process = ReceiverProcess(
+            workdir, extra_toml=f"max_upload_bytes = {1024 * GiB}\npartial_ttl_s = 86400\n"
+        )
+        self.token = ""
+
+    @property
+    def host(self) -> str:
+        return self.process.host
+
+    @property
+    def port(self) -> int:
+        return self.process.port
 
     @property
     def data_dir(self) -> Path:
-        return self.workdir / "data"
+        return self.process.data_dir
 
     @property
     def log_path(self) -> Path:
-        return self.workdir / "receiver.log"
+        return self.process.log_path
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        return self.process.pid
 
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
     def start(self, timeout_s: float = 30.0) -> None:
-        tokens_file = self.workdir / "tokens.json"
-        self.token = auth.add_token(tokens_file, "bench", admin=True)
-        config = self.workdir / "receiver.toml"
-        config.write_text(
-            "[receiver]\n"
-            f'listen = "{self.host}:{self.port}"\n'
-            f'data_dir = "{self.data_dir}"\n'
-            f'tokens_file = "{tokens_file}"\n'
-            "min_free_bytes = 0\n"
-            f"max_upload_bytes = {1024 * GiB}\n"
-            "partial_ttl_s = 86400\n"
-        )
-        env = {k: v for k, v in os.environ.items() if k not in ("BACKUP_API_TOKEN", "LOG_DIR")}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mt5backupd", "receiver", "--config", str(config)],
-                stdout=log, stderr=log, env=env, start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"receiver exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://{self.host}:{self.port}/health",
-                                            timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("receiver did not become healthy")
+        self.token = auth.add_token(self.process.tokens_file, "bench", admin=True)
+        self.process.start(timeout_s)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
+        self.process.stop()
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None
              ) -> tuple[int, dict[str, Any]]:

@@ -11,13 +11,8 @@ from mt5backupd.config import ReceiverConfig
 from mt5backupd.receiver.app import RunningReceiver, start_receiver
 from mt5backupd.receiver.auth import TokenStore
 from mt5backupd.receiver.metrics import ReceiverMetrics
-from mt5backupd.testkit.pghost import free_port
-from tests.receiver_harness import (
-    ReceiverProcess,
-    TokenSet,
-    make_tokens,
-    receiver_config,
-)
+from mt5backupd.testkit.receiverproc import ReceiverProcess
+from tests.receiver_harness import TokenSet, make_tokens, receiver_config
 
 pytest_plugins = ["tests.pg_fixtures", "tests.backup_fixtures"]
 
@@ -60,9 +55,10 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 def receiver_process(tmp_path: Path) -> Iterator[tuple[ReceiverProcess, TokenSet]]:
-    """``mt5backupd receiver`` as a separate process (for kill -9 and restart tests)."""
-    proc = ReceiverProcess(tmp_path, free_port(), tmp_path / "data")
-    tokens = make_tokens(tmp_path / "tokens.json")
+    """``mt5backupd receiver`` as a separate process (for kill -9 and restart tests), not started;
+    its first start binds a free port, later ones reuse it."""
+    proc = ReceiverProcess(tmp_path)
+    tokens = make_tokens(proc.tokens_file)
     try:
         yield proc, tokens
     finally:

@@ -1,14 +1,12 @@
-"""Real receivers for tests: in-process on a free loopback port, or a subprocess to kill."""
+"""Real receivers for tests: tokens and config for the in-process one on a free loopback port.
+
+The receiver as a subprocess to kill and restart is ``ReceiverProcess`` in
+``mt5backupd.testkit.receiverproc``, shared with the benches.
+"""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mt5backupd.config import ReceiverConfig, RetentionConfig
@@ -46,65 +44,3 @@ def receiver_config(tmp: Path, **overrides: object) -> ReceiverConfig:
     }
     values.update(overrides)
     return ReceiverConfig(**values)  # type: ignore[arg-type]
-
-
-@dataclass
-class ReceiverProcess:
-    """``mt5backupd receiver`` as a real process, restartable on the same port and data."""
-
-    workdir: Path
-    port: int
-    data_dir: Path
-    extra_toml: str = ""
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.log_path = self.workdir / "receiver.log"
-        self.config_path = self.workdir / "receiver.toml"
-        self.config_path.write_text(
-            "[receiver]\n"
-            f'listen = "127.0.0.1:{self.port}"\n'
-            f'data_dir = "{self.data_dir}"\n'
-            f'tokens_file = "{self.workdir / "tokens.json"}"\n'
-            "min_free_bytes = 0\n" + self.extra_toml
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 15.0) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("BACKUP_API_TOKEN", "LOG_DIR")}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mt5backupd", "receiver", "--config", str(self.config_path)],
-                stdout=log, stderr=log, env=env, start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"receiver exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("receiver did not become healthy")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None

@@ -16,10 +16,11 @@ from mt5backupd import spool
 from mt5backupd.backup import run_backup
 from mt5backupd.config import Config, LocalConfig, RemoteConfig, parse_compression
 from mt5backupd.testkit.pgcluster import PgCluster
+from mt5backupd.testkit.receiverproc import ReceiverProcess
 from mt5backupd.testkit.sampledata import generate
 from tests.backup_fixtures import BackupSetup, database_config, write_token
 from tests.netfaults import ThrottledProxy
-from tests.receiver_harness import ReceiverProcess, TokenSet
+from tests.receiver_harness import TokenSet
 from tests.test_receiver_faults import small_tmpfs
 
 

@@ -17,8 +17,9 @@ import pytest
 
 from mt5backupd.receiver.app import STORAGE_KEY, start_receiver
 from mt5backupd.receiver.auth import TokenStore
+from mt5backupd.testkit.receiverproc import ReceiverProcess
 from tests.conftest import Receiver
-from tests.receiver_harness import ReceiverProcess, TokenSet, make_tokens, receiver_config
+from tests.receiver_harness import TokenSet, make_tokens, receiver_config
 
 
 def sha(data: bytes) -> str:

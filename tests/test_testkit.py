@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import pytest
+
+from mt5backupd.receiver import auth
 from mt5backupd.testkit.pghost import kill_with_children
+from mt5backupd.testkit.receiverproc import ReceiverProcess, ReceiverStartError
 from tests.pg_fixtures import live_processes_mentioning
 
 
@@ -73,3 +80,41 @@ def test_a_forgotten_cluster_is_stopped_at_interpreter_exit(tmp_path: Path) -> N
         if live_processes_mentioning(started["data_dir"]):  # the bug under test: don't leak it
             kill_with_children(started["pid"])
         shutil.rmtree(started["root"], ignore_errors=True)
+
+
+def test_receiver_process_binds_a_free_port_and_restarts_on_it(tmp_path: Path) -> None:
+    """The first start learns the port the receiver picked; kill -9 and start reuse it; stop
+    closes it."""
+    rx = ReceiverProcess(tmp_path)
+    token = auth.add_token(rx.tokens_file, "alice", admin=False)
+    try:
+        rx.start()
+        port = rx.port
+        assert port > 0
+        assert _list_status(rx.url, token) == 200
+        rx.kill9()
+        rx.start()
+        assert rx.port == port
+        assert _list_status(rx.url, token) == 200
+    finally:
+        rx.stop()
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+
+
+def test_receiver_process_that_cannot_start_fails_fast_with_its_error(tmp_path: Path) -> None:
+    """A receiver that exits at start (no tokens) is an error carrying its log, not a timeout."""
+    rx = ReceiverProcess(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(ReceiverStartError, match="no tokens"):
+        rx.start(timeout_s=60)
+    assert time.monotonic() - started < 30
+    assert rx.proc is None
+
+
+def _list_status(url: str, token: str) -> int:
+    req = urllib.request.Request(f"{url}/api/backup/list",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        status: int = resp.status
+        return status
