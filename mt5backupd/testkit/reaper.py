@@ -32,11 +32,6 @@ def untrack(server: object) -> None:
     _live.pop(server, None)
 
 
-def tracked() -> int:
-    """How many servers are currently remembered as running."""
-    return len(_live)
-
-
 def _stop_forgotten() -> None:
     for server, stop in list(_live.items()):
         with contextlib.suppress(Exception):
