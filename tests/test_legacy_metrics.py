@@ -24,6 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mt5backupd import spool, state
+from mt5backupd.config import load_config
+from mt5backupd.errors import ConfigError
 from mt5backupd.pgcluster import free_port
 from tests.backup_fixtures import BackupSetup
 from tests.daemon_harness import DaemonProcess, daemon_toml
@@ -99,6 +101,32 @@ def expected_legacy(local_dir: Path) -> dict[str, Any]:
         "mt5_backup_duration_seconds": raw["duration_s"],
         "ts": finished.isoformat(timespec="seconds"),
     }
+
+
+def test_config_defaults_off(tmp_path: Path) -> None:
+    """Both are off unless configured; set, they load as given."""
+    assert load_config(None, env={}).http.legacy_metrics is False
+    assert load_config(None, env={}).metrics.textfile is None
+    path = tmp_path / "c.toml"
+    path.write_text('[http]\nlegacy_metrics = true\n[metrics]\ntextfile = "/x/m.prom"\n')
+    cfg = load_config(path, env={})
+    assert (cfg.http.legacy_metrics, cfg.metrics.textfile) == (True, Path("/x/m.prom"))
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ('[metrics]\ntextfile = "relative/m.prom"', "[metrics] textfile: must be an absolute path"),
+    ('[metrics]\ntextfile = "/x/metrics.txt"', "[metrics] textfile: must end in .prom"),
+    ('[metrics]\ntext_file = "/x/m.prom"', "[metrics] text_file: unknown key"),
+    ("[http]\nlegacy_metrics = 1", "[http] legacy_metrics: expected bool"),
+])
+def test_config_errors_name_the_key(tmp_path: Path, body: str, message: str) -> None:
+    """A textfile node_exporter would never read (not *.prom, relative) or a mistyped key is
+    refused with the file and key named."""
+    path = tmp_path / "c.toml"
+    path.write_text(body + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert str(err.value).startswith(f"{path}: {message}"), err.value
 
 
 async def wait_for_legacy(daemon: DaemonProcess, timeout_s: float) -> Samples:
