@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mt5backupd import spool, state
 from mt5backupd.config import load_config
 from mt5backupd.errors import ConfigError
+from mt5backupd.metrics import LegacyValues, legacy_values
 from mt5backupd.pgcluster import free_port
 from tests.backup_fixtures import BackupSetup
 from tests.daemon_harness import DaemonProcess, daemon_toml
@@ -127,6 +128,40 @@ def test_config_errors_name_the_key(tmp_path: Path, body: str, message: str) -> 
     with pytest.raises(ConfigError) as err:
         load_config(path, env={})
     assert str(err.value).startswith(f"{path}: {message}"), err.value
+
+
+def manifest(kind: str, size: int, finished: str, *, pending: bool = False) -> spool.Manifest:
+    return spool.Manifest(
+        id=f"{kind}-{size}", file=f"{kind}-{size}.dump", kind=kind, database="db", size=size,
+        sha256="0" * 64, compression="none", started=finished, finished=finished,
+        duration_s=2.5, dump_duration_s=2.0, raw_bytes=size,
+        upload={"state": "pending" if pending else "uploaded"})
+
+
+T1, T2 = "2025-10-19T17:19:17.250000+00:00", "2025-10-20T03:00:09+02:00"
+
+
+@pytest.mark.parametrize(("records", "manifests", "expected"), [
+    # nothing yet: zeros, and no timestamp series
+    ({}, [], LegacyValues(0.0, 0.0, 0.0, 0.0, None)),
+    # run records lost (state file removed): the newest files tell; pending is not success
+    ({}, [manifest("database", 10, T1), manifest("repository", 7, T1)],
+     LegacyValues(1.0, 10.0, 7.0, 2.5, "2025-10-19T17:19:17+00:00")),
+    ({}, [manifest("database", 10, T1, pending=True)],
+     LegacyValues(0.0, 10.0, 0.0, 2.5, "2025-10-19T17:19:17+00:00")),
+    # the last run failed after files were rotated away: size of the last good run's record,
+    # time of the failed run in UTC
+    ({"last_run": {"job": "database", "id": "", "started": T2, "finished": T2,
+                   "result": "failure", "duration_s": 0.5},
+      "last_success": {"job": "database", "id": "x", "started": T1, "finished": T1,
+                       "result": "success", "duration_s": 9.0, "size": 42}},
+     [], LegacyValues(0.0, 42.0, 0.0, 0.5, "2025-10-20T01:00:09+00:00")),
+])
+def test_legacy_values(records: dict[str, Any], manifests: list[spool.Manifest],
+                       expected: LegacyValues) -> None:
+    """The legacy values from run records and manifests, including the fallbacks."""
+    st = {"jobs": {"database": records} if records else {}}
+    assert legacy_values(st, manifests) == expected
 
 
 async def wait_for_legacy(daemon: DaemonProcess, timeout_s: float) -> Samples:
