@@ -190,10 +190,10 @@ def _cmd_verify(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_upload_pending(args: argparse.Namespace, config: Config) -> int:
-    from mt5backupd.backup import pending_command
+    from mt5backupd.jobs import upload_pending_now
 
     setup_logging(config.log, "backup", verbose=args.verbose)
-    done, left = asyncio.run(pending_command(config))
+    done, left = asyncio.run(upload_pending_now(config))
     if args.json:
         print(json.dumps({"uploaded": done, "pending": left}))
     else:

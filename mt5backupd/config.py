@@ -186,6 +186,14 @@ class RepositoryConfig:
 class HttpConfig:
     listen_host: str = "127.0.0.1"
     listen_port: int = 9102
+    # The legacy backup.sh textfile series (mt5_backup_*) on /metrics too, for old dashboards.
+    legacy_metrics: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # node_exporter textfile rewritten after every run; None = no textfile
+    textfile: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +226,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
@@ -480,8 +489,23 @@ def _load_http(sec: _Section) -> HttpConfig:
     d = HttpConfig()
     listen = sec.get("listen", str, f"{d.listen_host}:{d.listen_port}")
     host, port = parse_listen(listen, f"{sec.where}: [http] listen")
+    legacy = sec.get("legacy_metrics", bool, d.legacy_metrics)
     sec.finish()
-    return HttpConfig(host, port)
+    return HttpConfig(host, port, legacy_metrics=legacy)
+
+
+def _load_metrics(sec: _Section) -> MetricsConfig:
+    textfile = sec.opt_path("textfile")
+    if textfile is not None:
+        # node_exporter's textfile collector reads only *.prom files of its directory: any
+        # other name would be written after every run and silently never scraped.
+        if not textfile.is_absolute():
+            raise sec._err("textfile", f"must be an absolute path; got {str(textfile)!r}")
+        if textfile.suffix != ".prom" or textfile.name == ".prom":
+            raise sec._err("textfile", "must end in .prom (node_exporter's textfile collector "
+                           f"reads only *.prom files); got {str(textfile)!r}")
+    sec.finish()
+    return MetricsConfig(textfile=textfile)
 
 
 def _load_health(sec: _Section) -> HealthConfig:
@@ -641,6 +665,7 @@ def load_config(
     schedule = _load_schedule(root.sub("schedule"))
     repository = _load_repository(root.sub("repository"))
     http = _load_http(root.sub("http"))
+    metrics = _load_metrics(root.sub("metrics"))
     health = _load_health(root.sub("health"))
     daemon = _load_daemon(root.sub("daemon"))
     notify = _load_notify(root.sub("notify"))
@@ -658,6 +683,7 @@ def load_config(
         schedule=schedule,
         repository=repository,
         http=http,
+        metrics=metrics,
         health=health,
         daemon=daemon,
         notify=notify,

@@ -45,7 +45,8 @@ class Daemon:
         self.env_file = env_file
         self.jobs = jobs  # job name -> coroutine running one job with a config
         self.live = LiveState()
-        self.registry = make_registry(lambda: self.cfg.local.dir, self.live)
+        self.registry = make_registry(lambda: self.cfg.local.dir, self.live,
+                                      lambda: self.cfg.http.legacy_metrics)
         self.systemd = SystemdNotifier()
         self.scheduler: AsyncIOScheduler | None = None
         self.runner: web.AppRunner | None = None

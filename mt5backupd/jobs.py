@@ -2,21 +2,30 @@
 
 Every run is recorded, including failures before any dump (database down, bad token), so
 /health and the metrics see them; a run refused because another holds the lock is not a run.
+After each record the node_exporter textfile (``[metrics] textfile``) is rewritten, here, so
+the daemon and ``--run-now`` both keep it current.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from mt5backupd import state
+from mt5backupd import state, textfile
 from mt5backupd.backup import BackupResult, pending_command, run_backup, run_repository
 from mt5backupd.config import Config
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, LockHeldError, Mt5BackupError
 from mt5backupd.verify import VerifyOutcome, verify
+
+
+async def export_textfile(cfg: Config) -> None:
+    """Rewrite the textfile (if configured) off the event loop; never raises."""
+    if cfg.metrics.textfile is not None:
+        await asyncio.to_thread(textfile.update, cfg)
 
 
 @dataclass
@@ -41,6 +50,7 @@ async def _run_and_record(cfg: Config, job: str,
             job=job, id="", started=started.isoformat(),
             finished=datetime.now(UTC).isoformat(), result="failure",
             duration_s=round(time.monotonic() - t0, 3), error=error))
+        await export_textfile(cfg)
         raise
     outcome = ("success" if result.exit_code == EXIT_OK else
                "pending" if result.exit_code == EXIT_PENDING else "failure")
@@ -49,6 +59,7 @@ async def _run_and_record(cfg: Config, job: str,
         finished=datetime.now(UTC).isoformat(), result=outcome,
         duration_s=round(result.duration_s, 3), size=result.size, error=result.error),
         upload_retries=result.upload_retries, uploaded_bytes=result.uploaded_bytes)
+    await export_textfile(cfg)
     return result
 
 
@@ -84,12 +95,14 @@ async def run_verify(cfg: Config, ref: str = "latest") -> VerifyOutcome:
             job="verify", id="", started=started.isoformat(),
             finished=datetime.now(UTC).isoformat(), result="failure",
             duration_s=round(time.monotonic() - t0, 3), error=str(exc)))
+        await export_textfile(cfg)
         raise
     state.record_run(cfg.local.dir, state.RunRecord(
         job="verify", id=outcome.id, started=started.isoformat(),
         finished=datetime.now(UTC).isoformat(),
         result="success" if outcome.passed else "failure",
         duration_s=round(outcome.restore_s, 3), error="; ".join(outcome.reasons)))
+    await export_textfile(cfg)
     return outcome
 
 
@@ -98,8 +111,17 @@ async def verify_job(cfg: Config) -> JobOutcome:
     return JobOutcome(outcome.passed, outcome.to_json())
 
 
+async def upload_pending_now(cfg: Config) -> tuple[int, int]:
+    """Upload pending backups; (uploaded, still pending). The textfile follows, since the
+    pending counts changed."""
+    try:
+        return await pending_command(cfg)
+    finally:
+        await export_textfile(cfg)
+
+
 async def upload_pending_job(cfg: Config) -> JobOutcome:
-    done, left = await pending_command(cfg)
+    done, left = await upload_pending_now(cfg)
     return JobOutcome(left == 0, {"uploaded": done, "pending": left})
 
 

@@ -2,11 +2,14 @@
 
 Values go into the TOML written from config.example.toml; the password and the token go into
 0600 credential files (loaded by systemd with LoadCredential=), never into the TOML, never
-printed.
+printed. ``--metrics-textfile PATH`` (given by install.sh when the legacy exporter's
+``/var/backups/mt5/backup_metrics.prom`` exists) sets ``[metrics] textfile``, so node_exporter
+and the dashboards built on that file keep getting it.
 
     python -m mt5backupd.legacy_import --example config.example.toml \\
         --env-file /etc/default/mt5-backup --config-out /etc/mt5backupd/config.toml \\
-        --credentials /etc/mt5backupd/credentials
+        --credentials /etc/mt5backupd/credentials \\
+        [--metrics-textfile /var/backups/mt5/backup_metrics.prom]
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ def set_key(text: str, section: str, key: str, value: str) -> str:
     return text[:start] + body + text[end:]
 
 
-def import_legacy(example: Path, env_file: Path, config_out: Path, credentials: Path) -> None:
-    env = read_env_file(env_file)
+def import_legacy(example: Path, env_file: Path | None, config_out: Path, credentials: Path,
+                  metrics_textfile: Path | None = None) -> None:
+    env = read_env_file(env_file) if env_file is not None else {}
     text = example.read_text()
     for var, (section, key, kind) in MAPPING.items():
         raw = env.get(var)
@@ -69,6 +73,8 @@ def import_legacy(example: Path, env_file: Path, config_out: Path, credentials: 
     if env.get("BACKUP_API_TOKEN"):
         text = set_key(text, "remote", "token_file", json.dumps(str(credentials /
                                                                      "remote-token")))
+    if metrics_textfile is not None:
+        text = set_key(text, "metrics", "textfile", json.dumps(str(metrics_textfile)))
     atomic_write_bytes(config_out, text.encode(), mode=0o600)
     load_config(config_out, env={})  # the result must load; an error names the key
 
@@ -76,12 +82,15 @@ def import_legacy(example: Path, env_file: Path, config_out: Path, credentials: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="import /etc/default/mt5-backup")
     parser.add_argument("--example", type=Path, required=True)
-    parser.add_argument("--env-file", type=Path, required=True)
+    parser.add_argument("--env-file", type=Path, help="the legacy /etc/default/mt5-backup")
     parser.add_argument("--config-out", type=Path, required=True)
     parser.add_argument("--credentials", type=Path, required=True)
+    parser.add_argument("--metrics-textfile", type=Path,
+                        help="set [metrics] textfile (the legacy exporter's file existed)")
     args = parser.parse_args(argv)
     try:
-        import_legacy(args.example, args.env_file, args.config_out, args.credentials)
+        import_legacy(args.example, args.env_file, args.config_out, args.credentials,
+                      args.metrics_textfile)
     except Mt5BackupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

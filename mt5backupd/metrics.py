@@ -1,13 +1,18 @@
 """The daemon's Prometheus metrics, derived at each scrape from the run records and manifests on
 disk (so runs by `--run-now` in another process and daemon restarts lose nothing), plus the few
-live values only the daemon knows (in progress, next run)."""
+live values only the daemon knows (in progress, next run).
+
+The legacy ``backup.sh`` textfile series (``mt5_backup_*``) are derived from the same records,
+for dashboards and alerts built on the old system (``[http] legacy_metrics``, ``[metrics]
+textfile``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -36,7 +41,11 @@ class LiveState:
 
 
 class DiskCollector(Collector):
-    def __init__(self, directory: Callable[[], Path], live: LiveState) -> None:
+    """The ``mt5backup_*`` families. Without ``live`` (a textfile written at the end of a run,
+    by any process) the live-only families (in progress, next run) are left out: a file cannot
+    keep them true."""
+
+    def __init__(self, directory: Callable[[], Path], live: LiveState | None) -> None:
         self._directory = directory
         self._live = live
 
@@ -86,15 +95,19 @@ class DiskCollector(Collector):
             oldest_pending.add_metric([job], _ts(waiting[0].started) if waiting else 0.0)
             local.add_metric([job], float(len(mine)))
             local_bytes.add_metric([job], float(sum(m.size for m in mine)))
-            next_run.add_metric([job], self._live.next_run.get(job, 0.0))
-            in_progress.add_metric([job], 1.0 if self._live.in_progress.get(job) else 0.0)
+            if self._live is not None:
+                next_run.add_metric([job], self._live.next_run.get(job, 0.0))
+                in_progress.add_metric([job], 1.0 if self._live.in_progress.get(job) else 0.0)
             anomaly.add_metric([job], 1.0 if newest and newest.size_anomaly else 0.0)
             for result in state.RESULTS:
                 runs.add_metric([job, result], float(entry["runs"].get(result, 0)))
             retries.add_metric([job], float(entry["upload_retries"]))
             uploaded.add_metric([job], float(entry["uploaded_bytes"]))
         yield from (last_ok, last_success, last_run, duration, size, pending, oldest_pending,
-                    local, local_bytes, next_run, in_progress, anomaly, runs, retries, uploaded)
+                    local, local_bytes)
+        if self._live is not None:
+            yield from (next_run, in_progress)
+        yield from (anomaly, runs, retries, uploaded)
         check = state.last_run(st, "verify")
         yield GaugeMetricFamily(f"{P}_last_verify_success",
                                 "1 if the last test restore passed, else 0",
@@ -110,7 +123,90 @@ class DiskCollector(Collector):
         yield info
 
 
-def make_registry(directory: Callable[[], Path], live: LiveState) -> CollectorRegistry:
+@dataclass(frozen=True)
+class LegacyValues:
+    """The legacy series' values; ``last_timestamp`` is None before the first database run."""
+
+    status: float
+    db_size_bytes: float
+    repo_size_bytes: float
+    duration_s: float
+    last_timestamp: str | None
+
+
+def legacy_values(st: dict[str, Any], manifests: list[spool.Manifest]) -> LegacyValues:
+    """What the legacy ``backup-metrics-exporter.sh`` read from backup.sh's newest log and
+    files: status 1 only for a run that did everything (so a backup whose upload is pending is
+    0, as an upload failure was), sizes of the newest complete local backups, and duration and
+    time of the last database run, good or not."""
+    run = state.last_run(st, "database")
+    databases = [m for m in manifests if m.kind == "database"]
+    repositories = [m for m in manifests if m.kind == "repository"]
+
+    def newest_size(found: list[spool.Manifest], job: str) -> float:
+        if found:
+            return float(found[-1].size)
+        good = state.last_run(st, job, "last_success")
+        return float(good.size) if good else 0.0
+
+    newest = databases[-1] if databases else None
+    if run is not None:
+        status = 1.0 if run.result == "success" else 0.0
+        duration_s, finished = run.duration_s, run.finished
+    elif newest is not None:  # run records lost (state file removed): the files tell
+        status = 0.0 if newest.pending else 1.0
+        duration_s, finished = newest.duration_s, newest.finished
+    else:
+        status, duration_s, finished = 0.0, 0.0, ""
+    stamp = (datetime.fromisoformat(finished).astimezone(UTC).isoformat(timespec="seconds")
+             if finished else None)
+    return LegacyValues(status, newest_size(databases, "database"),
+                        newest_size(repositories, "repository"), duration_s, stamp)
+
+
+class LegacyCollector(Collector):
+    """The series the legacy ``backup.sh`` wrote to ``backup_metrics.prom``, with their old
+    names, help texts and meaning. ``mt5_backup_last_timestamp`` carries the time in a label
+    (``ts``), against Prometheus practice, because the old dashboards read it from there; it
+    exists only here, never in the ``mt5backup_*`` families."""
+
+    def __init__(self, directory: Callable[[], Path], enabled: Callable[[], bool]) -> None:
+        self._directory = directory
+        self._enabled = enabled
+
+    def collect(self) -> Iterable[Metric]:
+        if not self._enabled():
+            return
+        directory = self._directory()
+        values = legacy_values(state.load_state(directory), spool.load_manifests(directory))
+        yield GaugeMetricFamily("mt5_backup_status", "1=success, 0=failure",
+                                value=values.status)
+        yield GaugeMetricFamily("mt5_backup_db_size_bytes", "Size of last DB dump in bytes",
+                                value=values.db_size_bytes)
+        yield GaugeMetricFamily("mt5_backup_repo_size_bytes",
+                                "Size of last repo backup in bytes", value=values.repo_size_bytes)
+        yield GaugeMetricFamily("mt5_backup_duration_seconds",
+                                "Duration of last backup in seconds", value=values.duration_s)
+        if values.last_timestamp is not None:
+            stamp = GaugeMetricFamily("mt5_backup_last_timestamp",
+                                      "ISO8601 timestamp of last backup", labels=["ts"])
+            stamp.add_metric([values.last_timestamp], 1.0)
+            yield stamp
+
+
+def make_registry(directory: Callable[[], Path], live: LiveState,
+                  legacy: Callable[[], bool] = lambda: False) -> CollectorRegistry:
+    """The daemon's /metrics; ``legacy`` is asked at each scrape, so a reload applies."""
     registry = CollectorRegistry()
     registry.register(DiskCollector(directory, live))
+    registry.register(LegacyCollector(directory, legacy))
+    return registry
+
+
+def textfile_registry(directory: Path) -> CollectorRegistry:
+    """What the node_exporter textfile holds: the ``mt5backup_*`` families that a file written
+    at the end of a run can keep true, and the legacy series."""
+    registry = CollectorRegistry()
+    registry.register(DiskCollector(lambda: directory, None))
+    registry.register(LegacyCollector(lambda: directory, lambda: True))
     return registry

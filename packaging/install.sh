@@ -102,11 +102,24 @@ done
 if [ "$ROLE" = daemon ]; then
     config="$ETC/config.toml"
     legacy="$ROOT/etc/default/mt5-backup"
+    # the legacy backup-metrics-exporter.sh wrote this node_exporter textfile (path fixed in it);
+    # dashboards and alerts read it, so the daemon keeps writing it
+    legacy_prom=/var/backups/mt5/backup_metrics.prom
     if [ ! -f "$config" ]; then
-        if [ -f "$legacy" ]; then
-            "$VENV/bin/python" -m mt5backupd.legacy_import --example "$SRC/config.example.toml" \
-                --env-file "$legacy" --config-out "$config" --credentials "$ETC/credentials"
-            say "wrote ${config#"$ROOT"} from config.example.toml and ${legacy#"$ROOT"}"
+        if [ -f "$legacy" ] || [ -f "$ROOT$legacy_prom" ]; then
+            import=(--example "$SRC/config.example.toml" --config-out "$config"
+                    --credentials "$ETC/credentials")
+            from="config.example.toml"
+            if [ -f "$legacy" ]; then
+                import+=(--env-file "$legacy")
+                from="$from and ${legacy#"$ROOT"}"
+            fi
+            if [ -f "$ROOT$legacy_prom" ]; then
+                import+=(--metrics-textfile "$legacy_prom")
+                from="$from; [metrics] textfile = $legacy_prom (it existed)"
+            fi
+            "$VENV/bin/python" -m mt5backupd.legacy_import "${import[@]}"
+            say "wrote ${config#"$ROOT"} from $from"
         else
             install -m 0600 "$SRC/config.example.toml" "$config"
             say "wrote ${config#"$ROOT"} from config.example.toml (edit it)"

@@ -52,7 +52,7 @@ def test_staged_tree(staged: Path) -> None:
     assert (staged / "usr/lib/tmpfiles.d/mt5backupd.conf").is_file()
     config = staged / "etc/mt5backupd/config.toml"
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
-    load_config(config, env={})
+    assert load_config(config, env={}).metrics.textfile is None  # no legacy textfile here
     for cred in ("db-password", "remote-token"):
         assert stat.S_IMODE((staged / "etc/mt5backupd/credentials" / cred).stat().st_mode) == 0o600
     version = subprocess.run([str(staged / "opt/mt5backupd/venv/bin/mt5backupd"), "--version"],
@@ -107,6 +107,7 @@ def test_legacy_file_imported(tmp_path: Path) -> None:
     assert (cfg.local.dir, cfg.local.keep) == (Path("/srv/mt5-backups"), 7)
     assert cfg.remote.url == "http://backup.example:9101"
     assert (cfg.remote.max_retries, cfg.remote.retry_delay_s) == (5, 15.0)
+    assert cfg.metrics.textfile is None  # the legacy exporter's file did not exist
     creds = root / "etc/mt5backupd/credentials"
     assert (creds / "db-password").read_text() == "pw#with hash"
     assert (creds / "remote-token").read_text() == "legacy-token-value"
@@ -120,3 +121,28 @@ def test_legacy_file_imported(tmp_path: Path) -> None:
     assert not (root / "etc/systemd/system/mt5backupd.service").exists()
     assert config_path.exists()
     assert (creds / "db-password").exists()
+
+
+LEGACY_PROM = "/var/backups/mt5/backup_metrics.prom"
+
+
+@pytest.mark.parametrize(("env_file", "prom"), [(True, True), (False, True), (True, False)])
+def test_legacy_textfile_imported(staged: Path, tmp_path: Path, env_file: bool,
+                                  prom: bool) -> None:
+    """The import sets [metrics] textfile to the legacy exporter's file exactly when that file
+    exists (with or without /etc/default/mt5-backup), and the config still loads."""
+    root = tmp_path / "root"
+    # the staged venv is current, so the installer's version check skips pip (seconds saved)
+    shutil.copytree(staged / "opt", root / "opt", symlinks=True)
+    if env_file:
+        (root / "etc/default").mkdir(parents=True)
+        (root / "etc/default/mt5-backup").write_text("POSTGRES_DB=mt5_live\n")
+    if prom:
+        (root / "var/backups/mt5").mkdir(parents=True)
+        (root / LEGACY_PROM.lstrip("/")).write_text("mt5_backup_status 1\n")
+    result = install(root)
+    assert "installed mt5backupd" not in result.stderr  # the copied venv was reused
+    cfg = load_config(root / "etc/mt5backupd/config.toml", env={})
+    assert cfg.metrics.textfile == (Path(LEGACY_PROM) if prom else None)
+    assert cfg.database.dbname == ("mt5_live" if env_file else "mt5_trading")
+    assert ("[metrics] textfile" in result.stderr) == prom
