@@ -27,7 +27,7 @@ from mt5backupd import spool, state
 from mt5backupd.config import load_config
 from mt5backupd.errors import ConfigError
 from mt5backupd.metrics import LegacyValues, legacy_values
-from mt5backupd.pgcluster import free_port
+from mt5backupd.testkit.pghost import free_port
 from tests.backup_fixtures import BackupSetup
 from tests.daemon_harness import DaemonProcess, daemon_toml
 
