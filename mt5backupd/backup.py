@@ -21,22 +21,24 @@ from typing import Any
 import asyncpg
 from loguru import logger
 
-from mt5backupd import archive, compress, spool
-from mt5backupd.config import Config, DatabaseConfig, Secret
+from mt5backupd import archive, compress, spool, state, upload_journal
+from mt5backupd.config import Config, DatabaseConfig, Secret, is_plain_http_remote
 from mt5backupd.dump import (
     check_dump_compatible,
-    libpq_env,
+    pg_child_env,
     pg_dump_argv,
     run_dump,
     server_major,
     tool_version,
 )
 from mt5backupd.errors import (
+    EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_PENDING,
     ConfigError,
     Mt5BackupError,
+    UploadPendingError,
 )
 from mt5backupd.lock import RunLock
 from mt5backupd.pgrestore import list_archive
@@ -47,6 +49,7 @@ from mt5backupd.upload import (
     GrowingSource,
     ReceiverAuthError,
     ReceiverClient,
+    ReceiverNotTrusted,
     ReceiverRejected,
     ReceiverUnavailable,
     UploadProgress,
@@ -119,6 +122,8 @@ class BackupResult:
             f"  upload    {self.upload_state}"
             + (f" ({self.upload_retries} retries)" if self.upload_retries else ""),
         ]
+        if self.error:  # a good local backup, but e.g. the receiver is not trusted
+            lines.append(f"  ERROR     {self.error}")
         if self.size_anomaly:
             lines.append("  WARNING   size anomaly: less than half of the previous backup")
         if self.pending_uploaded:
@@ -171,24 +176,85 @@ def receiver_client(cfg: Config) -> ReceiverClient | None:
     if token is None:
         raise ConfigError("[remote] url is set but there is no token: set [remote] token_file "
                           "(or BACKUP_API_TOKEN)")
+    if is_plain_http_remote(cfg.remote.url):
+        # allowed ([remote] allow_http, or the legacy BACKUP_API_URL), but said on every run
+        logger.warning("receiver {} is plain http:// to a host that is not loopback: the token "
+                       "and the backups travel unencrypted; serve the receiver over TLS "
+                       "([receiver] tls_cert/tls_key), switch [remote] url to https:// and "
+                       "drop allow_http", cfg.remote.url)
     return ReceiverClient(cfg.remote.url, token, timeout_s=cfg.remote.timeout_s,
                           ca_file=cfg.remote.ca_file)
 
 
-async def remote_preflight(client: ReceiverClient, on_unavailable: str) -> bool:
-    """True when the receiver is healthy and takes the token; a bad token always fails."""
+PREFLIGHT_OK, PREFLIGHT_DOWN, PREFLIGHT_NOT_TRUSTED = "ok", "down", "not_trusted"
+
+
+async def remote_preflight(client: ReceiverClient, on_unavailable: str,
+                           directory: Path | None = None) -> tuple[str, str]:
+    """(status, error): PREFLIGHT_OK when the receiver is healthy and takes the token; a bad
+    token always fails. A receiver whose certificate does not verify is not an outage: the
+    backup is still taken locally (whatever on_unavailable says) and the run ends with exit 4.
+    The outcome is recorded in the state file (``directory``) for /health and the metrics."""
+    status, error = PREFLIGHT_OK, ""
     try:
         await client.health()
         await client.whoami()
+    except ReceiverNotTrusted as exc:
+        logger.error("{}; taking the backup locally, upload stays pending", exc)
+        status, error = PREFLIGHT_NOT_TRUSTED, str(exc)
     except ReceiverAuthError:
         raise
     except (ReceiverUnavailable, ReceiverRejected) as exc:
+        if directory is not None:
+            state.record_receiver(directory, state.RECEIVER_DOWN, str(exc))
         if on_unavailable == "abort":
             raise Mt5BackupError(f"{exc} ([remote] on_unavailable = abort: no backup taken)"
                                  ) from None
         logger.warning("{}; taking the backup locally, upload stays pending", exc)
-        return False
-    return True
+        return PREFLIGHT_DOWN, str(exc)
+    if directory is not None:
+        state.record_receiver(directory, status, error)
+    return status, error
+
+
+async def settle_orphans(client: ReceiverClient, directory: Path) -> None:
+    """Deal with the upload sessions a killed run left open on the receiver: resume the one of
+    a complete local backup, abort the others (before, they lingered for partial_ttl_s)."""
+    sessions = upload_journal.load(directory)
+    if not sessions:
+        return
+    manifests = spool.load_manifests(directory)
+    todo = upload_journal.plan(sessions, manifests)
+    by_file = {m.file: m for m in manifests}
+    done = list(todo.settled)
+    for file, uid in todo.resume.items():
+        manifest = by_file[file]
+        manifest.upload = {**manifest.upload, "session": uid}
+        spool.save_manifest(directory, manifest)
+        logger.info("upload session {} of {} (left by an interrupted run) will be resumed",
+                    uid, file)
+        done.append(uid)
+    for uid in todo.abort:
+        try:
+            await asyncio.wait_for(client.abort(uid), ABORT_TIMEOUT_S)
+        except (Mt5BackupError, TimeoutError) as exc:
+            logger.warning("could not abort orphaned upload session {} (next run retries): {}",
+                           uid, exc)
+            continue
+        logger.info("aborted upload session {} left open on the receiver by an interrupted "
+                    "run ({})", uid, sessions[uid])
+        done.append(uid)
+    upload_journal.discard(directory, done)
+
+
+def _journal_session(directory: Path, file: str) -> Callable[[str], None]:
+    return lambda uid: upload_journal.add(directory, uid, file)
+
+
+def _settle_journal(directory: Path, manifest: spool.Manifest, uid: str | None) -> None:
+    """Once the manifest says what became of the session, the journal need not."""
+    if uid is not None and (not manifest.pending or manifest.upload.get("session") == uid):
+        upload_journal.discard(directory, [uid])
 
 
 async def _find_remote(client: ReceiverClient, name: str, sha256: str,
@@ -217,7 +283,8 @@ async def upload_one(client: ReceiverClient, cfg: Config, directory: Path,
     path = directory / manifest.file
     progress = UploadProgress(uid=manifest.upload.get("session"),
                               on_retry=observer.on_upload_retry,
-                              on_bytes=observer.on_uploaded_bytes)
+                              on_bytes=observer.on_uploaded_bytes,
+                              on_session=_journal_session(directory, manifest.file))
     try:
         await send_following(client, GrowingSource.complete(path), name=manifest.file,
                              kind=manifest.kind, metadata=_remote_metadata(manifest),
@@ -227,7 +294,7 @@ async def upload_one(client: ReceiverClient, cfg: Config, directory: Path,
                                            sha256=manifest.sha256, size=manifest.size,
                                            max_retries=cfg.remote.max_retries,
                                            retry_delay_s=cfg.remote.retry_delay_s)
-    except ReceiverAuthError:
+    except ReceiverAuthError:  # also ReceiverNotTrusted: the next one would fail the same way
         raise
     except Mt5BackupError as exc:
         found = await _find_remote(client, manifest.file, manifest.sha256, manifest.size)
@@ -236,10 +303,12 @@ async def upload_one(client: ReceiverClient, cfg: Config, directory: Path,
                                "session": progress.uid if isinstance(exc, ReceiverUnavailable)
                                else None, "error": str(exc)}
             spool.save_manifest(directory, manifest)
+            _settle_journal(directory, manifest, progress.uid)
             return RETRY_LATER if isinstance(exc, ReceiverUnavailable) else REJECTED
         record = found
     manifest.upload = _uploaded(record, progress)
     spool.save_manifest(directory, manifest)
+    _settle_journal(directory, manifest, progress.uid)
     return UPLOADED
 
 
@@ -287,14 +356,18 @@ def rotate(directory: Path, keep: int, kind: str = KIND) -> list[str]:
     return doomed
 
 
-async def _abort_remote(client: ReceiverClient, progress: UploadProgress) -> None:
+async def _abort_remote(client: ReceiverClient, progress: UploadProgress,
+                        directory: Path) -> None:
     if progress.uid is None:
         return
     try:
         await asyncio.wait_for(client.abort(progress.uid), ABORT_TIMEOUT_S)
         logger.info("remote upload {} aborted", progress.uid)
     except (Mt5BackupError, TimeoutError) as exc:
-        logger.warning("could not abort remote upload {} (it will expire): {}", progress.uid, exc)
+        logger.warning("could not abort remote upload {} (the next run retries): {}",
+                       progress.uid, exc)
+        return
+    upload_journal.discard(directory, [progress.uid])
 
 
 async def _progress_line(spooled: spool.SpoolFile, progress: UploadProgress) -> None:
@@ -367,8 +440,9 @@ async def _database_spec(cfg: Config, password: Secret | None) -> ShipSpec:
                 counts = await count_rows(conn, db.exact_count_max_bytes)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 raise Mt5BackupError(f"snapshot and row counts failed: {exc}") from None
-            stats = await run_dump(pg_dump_argv(db, snapshot), libpq_env(db, password),
-                                   pump, stall_timeout_s=db.stall_timeout_s)
+            with pg_child_env(db, password) as env:
+                stats = await run_dump(pg_dump_argv(db, snapshot), env, pump,
+                                       stall_timeout_s=db.stall_timeout_s)
         finally:
             # the server may be gone (that is what failed the dump): never mask the reason
             with contextlib.suppress(Exception):
@@ -409,17 +483,24 @@ async def _run_locked(cfg: Config, observer: RunObserver, show_progress: bool,
                        spool.PARTIAL_DIR)
     client = receiver_client(cfg)
     try:
-        remote_ok = client is not None and await remote_preflight(client,
-                                                                  cfg.remote.on_unavailable)
+        remote, remote_error = PREFLIGHT_DOWN, ""
+        if client is not None:
+            remote, remote_error = await remote_preflight(client, cfg.remote.on_unavailable,
+                                                          directory)
+        remote_ok = client is not None and remote == PREFLIGHT_OK
         spec = await make_spec()
         pending_done = 0
         if client is not None and remote_ok:
+            await settle_orphans(client, directory)
             pending_done, _left = await upload_pending(client, cfg, observer)
         result = await _ship(cfg, client if remote_ok else None, spec, observer, show_progress)
         result.pending_uploaded = pending_done
         if client is not None and not remote_ok and result.ok:
             result.upload_state = spool.UPLOAD_PENDING
             result.exit_code = EXIT_PENDING
+        if remote == PREFLIGHT_NOT_TRUSTED and result.ok:
+            result.exit_code = EXIT_CONFIG
+            result.error = remote_error
         return result
     finally:
         if client is not None:
@@ -442,7 +523,8 @@ async def _ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
     source = GrowingSource(spooled.path, lambda: spooled.size)
     spooled.on_write = source.notify_threadsafe
     progress = UploadProgress(on_retry=observer.on_upload_retry,
-                              on_bytes=observer.on_uploaded_bytes)
+                              on_bytes=observer.on_uploaded_bytes,
+                              on_session=_journal_session(directory, file_name))
     metadata = {**spec.metadata, "kind": spec.kind, "started": started.isoformat()}
     upload_task: asyncio.Task[UploadProgress] | None = None
     if client is not None:
@@ -500,7 +582,7 @@ async def _ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
             with contextlib.suppress(BaseException):
                 await upload_task
             assert client is not None
-            await asyncio.shield(_abort_remote(client, progress))
+            await asyncio.shield(_abort_remote(client, progress, directory))
         spooled.discard()
         if line_task is not None:
             line_task.cancel()
@@ -534,6 +616,9 @@ async def _ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
                 manifest.upload = {"state": spool.UPLOAD_PENDING, "session": progress.uid,
                                    "error": str(exc)}
                 exit_code = EXIT_PENDING
+                if isinstance(exc, ReceiverNotTrusted):
+                    exit_code = EXIT_CONFIG
+                    state.record_receiver(directory, state.RECEIVER_NOT_TRUSTED, str(exc))
         except BaseException:
             # cancelled (daemon shutdown) while uploading: the backup is complete locally and
             # its session is recorded, so `upload-pending` resumes it instead of starting over
@@ -542,6 +627,7 @@ async def _ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
             spool.save_manifest(directory, manifest)
             raise
         spool.save_manifest(directory, manifest)
+        _settle_journal(directory, manifest, progress.uid)
     elif cfg.remote.url:
         exit_code = EXIT_PENDING
     if line_task is not None:
@@ -600,10 +686,22 @@ async def pending_command(cfg: Config) -> tuple[int, int]:
     if client is None:
         raise ConfigError("[remote] url is not set: there is nowhere to upload to")
     cfg.local.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    with RunLock(cfg.local.dir):
+    directory = cfg.local.dir
+    with RunLock(directory):
         try:
-            await client.health()
-            await client.whoami()
+            try:
+                await client.health()
+                await client.whoami()
+            except ReceiverNotTrusted as exc:
+                state.record_receiver(directory, state.RECEIVER_NOT_TRUSTED, str(exc))
+                raise
+            except ReceiverUnavailable as exc:
+                # an outage, not a failure: the backups are safe locally, like --run-now's 3
+                state.record_receiver(directory, state.RECEIVER_DOWN, str(exc))
+                left = sum(m.pending for m in spool.load_manifests(directory))
+                raise UploadPendingError(f"{exc}; {left} backup(s) still pending") from None
+            state.record_receiver(directory, state.RECEIVER_OK)
+            await settle_orphans(client, directory)
             return await upload_pending(client, cfg)
         finally:
             await client.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,9 +15,9 @@ import aiohttp
 
 from mt5backupd import spool
 from mt5backupd.backup import connect_db, db_preflight, receiver_client
-from mt5backupd.config import Config
+from mt5backupd.config import Config, FileProblem
 from mt5backupd.dump import check_dump_compatible, tool_version
-from mt5backupd.errors import EXIT_OK, EXIT_VERIFY, Mt5BackupError
+from mt5backupd.errors import EXIT_CONFIG, EXIT_OK, EXIT_VERIFY, Mt5BackupError
 from mt5backupd.fsutil import free_bytes
 from mt5backupd.secretfiles import check_pgpass, database_password, remote_token
 
@@ -202,6 +202,16 @@ async def _daemon_probe(cfg: Config) -> str:
     when = datetime.fromisoformat(nxt).astimezone().isoformat(timespec="minutes") if nxt \
         else "not scheduled"
     return f"running (version {status['version']}), next database backup {when}"
+
+
+def refused_files_report(problems: Sequence[FileProblem], as_json: bool) -> tuple[str, int]:
+    """One failing line per refused file; nothing else is checked (the other checks run the
+    tools that file names), and the exit code is the one the other commands give: 4."""
+    results = [Check(f"{p.what} {p.path}", False, p.message, p.fix) for p in problems]
+    results.append(Check("other checks", False, "not run: a file above could change what "
+                         "they execute", "fix the files above, then run check again"))
+    text, _code = report(results, as_json)
+    return text, EXIT_CONFIG
 
 
 def report(results: list[Check], as_json: bool) -> tuple[str, int]:

@@ -14,7 +14,7 @@ from loguru import logger
 
 from mt5backupd import __version__
 from mt5backupd.backup import BackupResult
-from mt5backupd.config import Config, load_config, resolve_config_path
+from mt5backupd.config import Config, file_mode_problems, load_config, resolve_config_path
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, EXIT_VERIFY, Mt5BackupError
 from mt5backupd.logs import setup_logging
 from mt5backupd.tuning import tune_process
@@ -111,9 +111,9 @@ def _config_path(args: argparse.Namespace) -> Path | None:
     return path if explicit or path.exists() else None
 
 
-def _load(args: argparse.Namespace) -> Config:
+def _load(args: argparse.Namespace, *, check_modes: bool = True) -> Config:
     env_file = Path(args.env_file) if args.env_file else None
-    return load_config(_config_path(args), env_file=env_file)
+    return load_config(_config_path(args), env_file=env_file, check_modes=check_modes)
 
 
 def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
@@ -172,10 +172,17 @@ def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_check(args: argparse.Namespace, config: Config) -> int:
-    from mt5backupd.checks import report, run_checks
+    from mt5backupd.checks import refused_files_report, report, run_checks
 
     setup_logging(config.log, "check", verbose=args.verbose)
-    text, code = report(asyncio.run(run_checks(config)), args.json)
+    # check reports every file the other commands would refuse (instead of stopping at the
+    # first), and then runs nothing that file could have changed
+    problems = file_mode_problems(_config_path(args),
+                                  Path(args.env_file) if args.env_file else None, config)
+    if problems:
+        text, code = refused_files_report(problems, args.json)
+    else:
+        text, code = report(asyncio.run(run_checks(config)), args.json)
     print(text)
     return code
 
@@ -256,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _cmd_demo(args)
-        config = _load(args)
+        config = _load(args, check_modes=args.command != "check")
         if args.run_now:
             if args.command is not None:
                 parser.error("--run-now takes no command")

@@ -7,13 +7,17 @@ fall back to a default.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import shlex
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from mt5backupd.errors import ConfigError
 
@@ -162,6 +166,7 @@ class RemoteConfig:
     timeout_s: float = 60.0
     ca_file: Path | None = None
     on_unavailable: str = "keep-local"
+    allow_http: bool = False  # plain http:// to a host that is not loopback
 
 
 @dataclass(frozen=True)
@@ -411,11 +416,38 @@ def normalize_remote_url(url: str) -> str:
     return url
 
 
+def is_loopback_host(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1 (also as an IPv4-mapped address): traffic that never
+    leaves the machine."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def is_plain_http_remote(url: str) -> bool:
+    """True for an ``http://`` URL whose host is not loopback: the token and every backup
+    would cross the network unencrypted and unauthenticated."""
+    parts = urlsplit(url)
+    return parts.scheme == "http" and not is_loopback_host(parts.hostname or "")
+
+
 def _load_remote(sec: _Section) -> RemoteConfig:
     d = RemoteConfig()
     url = sec.opt_str("url")
     if url is not None and not url.startswith(("http://", "https://")):
         raise sec._err("url", f"must start with http:// or https://; got {url!r}")
+    allow_http = sec.get("allow_http", bool, d.allow_http)
+    if url is not None and is_plain_http_remote(url) and not allow_http:
+        raise sec._err("url", f"{url!r} is plain http:// to a host that is not loopback: the "
+                       "token and the backups would travel unencrypted; use https:// (see "
+                       "[remote] ca_file) or set [remote] allow_http = true")
     cfg = RemoteConfig(
         url=normalize_remote_url(url) if url else None,
         token_file=sec.opt_path("token_file"),
@@ -424,6 +456,7 @@ def _load_remote(sec: _Section) -> RemoteConfig:
         timeout_s=sec.float_min("timeout_s", d.timeout_s, 0.1),
         ca_file=sec.opt_path("ca_file"),
         on_unavailable=sec.choice("on_unavailable", d.on_unavailable, ON_UNAVAILABLE),
+        allow_http=allow_http,
     )
     sec.finish()
     return cfg
@@ -625,6 +658,84 @@ def apply_legacy_env(cfg: Config, env: Mapping[str, str], where: str) -> Config:
     return replace(cfg, database=db, local=local, remote=remote)
 
 
+ENV_FILE_SECRETS = ("POSTGRES_PASSWORD", "BACKUP_API_TOKEN")
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """A file this process would trust that others can write (or, holding a secret, read)."""
+
+    path: Path
+    what: str  # "config file", "[receiver] tls_key", ...
+    message: str  # one line naming the file and the fix
+    fix: str  # the command that fixes it
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _file_mode(path: Path) -> int | None:
+    try:
+        return stat.S_IMODE(path.stat().st_mode)  # follows a symlink: its target is what counts
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # a missing file is reported where it is used, with its own message
+
+
+def file_mode_problem(path: Path, what: str, *, secret: bool) -> FileProblem | None:
+    """Group/world-writable is refused for every file we trust (whoever can write a config
+    decides what runs as this user: ``pg_dump = "/tmp/x"``); group/world-readable too when the
+    file holds a secret. Mode bits only, so it holds for root as well."""
+    mode = _file_mode(path)
+    if mode is None:
+        return None
+    if mode & 0o022:
+        fix = f"chmod 600 {path}" if secret else f"chmod go-w {path}"
+        return FileProblem(path, what, f"{path}: {what} is writable by group/others (mode "
+                           f"{mode:04o}), so they could change what runs here; run: {fix}",
+                           fix)
+    if secret and mode & 0o077:
+        fix = f"chmod 600 {path}"
+        return FileProblem(path, what, f"{path}: {what} holds a secret that group/others can "
+                           f"read (mode {mode:04o}); run: {fix}", fix)
+    return None
+
+
+def source_file_problems(path: Path | None, env_file: Path | None,
+                         env_file_values: Mapping[str, str]) -> list[FileProblem]:
+    """The config file and the legacy env file (a secret when it holds a password/token)."""
+    found = []
+    if path is not None:
+        found.append(file_mode_problem(path, "config file", secret=False))
+    if env_file is not None:
+        secret = any(env_file_values.get(k) for k in ENV_FILE_SECRETS)
+        found.append(file_mode_problem(env_file, "env file", secret=secret))
+    return [p for p in found if p is not None]
+
+
+def referenced_file_problems(cfg: Config) -> list[FileProblem]:
+    """Files the config points to: secrets, and the receiver's tokens file (hashes only, but
+    whoever writes it can mint an admin token)."""
+    files: list[tuple[Path | None, str, bool]] = [
+        (cfg.database.password_file, "[database] password_file", True),
+        (cfg.remote.token_file, "[remote] token_file", True),
+        (cfg.receiver.tokens_file, "[receiver] tokens_file", False),
+        (cfg.receiver.tls_key, "[receiver] tls_key", True),
+    ]
+    found = [file_mode_problem(p, what, secret=secret) for p, what, secret in files
+             if p is not None]
+    return [p for p in found if p is not None]
+
+
+def file_mode_problems(path: Path | None, env_file: Path | None,
+                       cfg: Config) -> list[FileProblem]:
+    """Every refused file, for `check` (which reports them all instead of stopping at one)."""
+    values: dict[str, str] = {}
+    if env_file is not None:
+        with contextlib.suppress(ConfigError):
+            values = read_env_file(env_file)
+    return source_file_problems(path, env_file, values) + referenced_file_problems(cfg)
+
+
 def resolve_config_path(cli_value: str | None, env: Mapping[str, str]) -> tuple[Path, bool]:
     """Return (path, explicit). A missing default file is fine (defaults + env apply)."""
     if cli_value:
@@ -638,12 +749,22 @@ def load_config(
     path: Path | None,
     env: Mapping[str, str] | None = None,
     env_file: Path | None = None,
+    *,
+    check_modes: bool = True,
 ) -> Config:
     """Load ``path`` (None: defaults only) and apply the legacy variables, from ``env_file``
-    (which wins, being named on the command line) and the environment."""
+    (which wins, being named on the command line) and the environment.
+
+    A config, env or secret file that others can write (or, holding a secret, read) is refused
+    before anything else happens; ``check_modes=False`` is for `check`, which reports them."""
     env = dict(os.environ if env is None else env)
+    env_file_values: dict[str, str] = {}
     if env_file is not None:
-        env.update(read_env_file(env_file))
+        env_file_values = read_env_file(env_file)
+        env.update(env_file_values)
+    if check_modes:
+        for problem in source_file_problems(path, env_file, env_file_values):
+            raise ConfigError(problem.message)
     where = str(path) if path else "<defaults>"
     data: dict[str, Any] = {}
     if path is not None:
@@ -689,4 +810,8 @@ def load_config(
         notify=notify,
         legacy_receiver_token=Secret(token) if token else None,
     )
-    return apply_legacy_env(cfg, env, str(env_file) if env_file else "environment")
+    cfg = apply_legacy_env(cfg, env, str(env_file) if env_file else "environment")
+    if check_modes:
+        for problem in referenced_file_problems(cfg):
+            raise ConfigError(problem.message)
+    return cfg

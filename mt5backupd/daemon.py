@@ -111,6 +111,7 @@ class Daemon:
         if good is not None:
             finishes.append(datetime.fromisoformat(good.finished))
         waiting = [m for m in manifests if m.pending]
+        receiver, receiver_error = state.receiver_status(st)
         result = evaluate(HealthInput(
             now=datetime.now(UTC),
             last_success=max(finishes) if finishes else None,
@@ -119,6 +120,7 @@ class Daemon:
             oldest_pending=datetime.fromisoformat(waiting[0].started) if waiting else None,
             max_age_s=self.cfg.health.max_age_s,
             max_pending_age_s=self.cfg.health.max_pending_age_s,
+            receiver_status=receiver, receiver_error=receiver_error,
         ))
         body = {
             "status": "ok" if result.ok else "unhealthy",
@@ -126,6 +128,7 @@ class Daemon:
             "version": __version__,
             "last_success": max(finishes).isoformat() if finishes else None,
             "pending_uploads": len(waiting),
+            "receiver": receiver or None,  # ok | down | not_trusted (last contact)
         }
         return result.ok, body
 

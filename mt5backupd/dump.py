@@ -14,9 +14,11 @@ import fcntl
 import os
 import re
 import signal
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from loguru import logger
 
@@ -50,7 +52,8 @@ def server_major(version_num: int) -> int:
 async def tool_version(binary: str, key: str) -> tuple[int, str]:
     try:
         proc = await asyncio.create_subprocess_exec(
-            binary, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            binary, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=child_env())
     except FileNotFoundError:
         raise ConfigError(f"[database] {key}: {binary!r} not found (install the PostgreSQL "
                           "client matching the server, or set its path)") from None
@@ -71,11 +74,35 @@ def check_dump_compatible(dump_major: int, server_major_version: int, binary: st
         )
 
 
-def libpq_env(cfg: DatabaseConfig, password: Secret | None,
+# What a child may inherit from our environment. Everything else (BACKUP_API_TOKEN, the
+# receiver's token, webhook URLs, whatever systemd or a shell put there) stays with us.
+CHILD_ENV_NAMES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "HOME", "TMPDIR"})
+# libpq's own variables (https://www.postgresql.org/docs/current/libpq-envars.html), minus
+# PGPASSWORD: a password goes into a 0600 passfile instead (see pg_child_env).
+LIBPQ_ENV_NAMES = frozenset({
+    "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSFILE", "PGSERVICE",
+    "PGSERVICEFILE", "PGSYSCONFDIR", "PGOPTIONS", "PGAPPNAME", "PGSSLMODE", "PGREQUIRESSL",
+    "PGSSLCOMPRESSION", "PGSSLCERT", "PGSSLKEY", "PGSSLCERTMODE", "PGSSLROOTCERT", "PGSSLCRL",
+    "PGSSLCRLDIR", "PGSSLSNI", "PGSSLNEGOTIATION", "PGREQUIREPEER", "PGSSLMINPROTOCOLVERSION",
+    "PGSSLMAXPROTOCOLVERSION", "PGGSSENCMODE", "PGKRBSRVNAME", "PGGSSLIB", "PGGSSDELEGATION",
+    "PGCONNECT_TIMEOUT", "PGCLIENTENCODING", "PGTARGETSESSIONATTRS", "PGLOADBALANCEHOSTS",
+    "PGCHANNELBINDING", "PGREQUIREAUTH", "PGDATESTYLE", "PGTZ", "PGGEQO", "PGLOCALEDIR",
+})
+
+
+def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment every child process starts from: locale, PATH, TZ, HOME and libpq's
+    variables; never a token, a password or a URL of ours."""
+    base = os.environ if base is None else base
+    return {k: v for k, v in base.items()
+            if k in CHILD_ENV_NAMES or k.startswith("LC_") or k in LIBPQ_ENV_NAMES}
+
+
+def libpq_env(cfg: DatabaseConfig, passfile: Path | None = None,
               base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for libpq tools: config wins over inherited PG* variables; the password goes
-    here (PGPASSWORD), never on argv where `ps` shows it."""
-    env = dict(os.environ if base is None else base)
+    """Environment for libpq tools: the clean child environment, config winning over
+    inherited PG* variables, and the password only as a passfile (never argv, never env)."""
+    env = child_env(base)
     if cfg.host:
         env["PGHOST"] = cfg.host
     if cfg.port:
@@ -84,9 +111,38 @@ def libpq_env(cfg: DatabaseConfig, password: Secret | None,
         env["PGUSER"] = cfg.user
     env["PGDATABASE"] = cfg.dbname
     env.setdefault("PGAPPNAME", "mt5backupd")
-    if password is not None:
-        env["PGPASSWORD"] = password.reveal()
+    if passfile is not None:
+        env["PGPASSFILE"] = str(passfile)
     return env
+
+
+def passfile_line(password: str) -> str:
+    """A .pgpass line matching every host, port, database and user (``:`` and ``\\``
+    escaped as libpq expects)."""
+    escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+    return f"*:*:*:*:{escaped}\n"
+
+
+@contextlib.contextmanager
+def pg_child_env(cfg: DatabaseConfig, password: Secret | None,
+                 base: Mapping[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """libpq_env with the password (ours, else an inherited PGPASSWORD) in a 0600 passfile in a
+    0700 directory private to this run, removed afterwards: a child's environment is readable
+    in /proc by its user and inherited by everything it starts, a passfile is not."""
+    base = os.environ if base is None else base
+    secret = password.reveal() if password is not None else base.get("PGPASSWORD")
+    if not secret:
+        yield libpq_env(cfg, None, base)
+        return
+    if "\n" in secret or "\r" in secret:
+        raise ConfigError("[database] password contains a line break, which libpq cannot "
+                          "take from a password file")
+    with tempfile.TemporaryDirectory(prefix="mt5backupd-run-") as private:  # mode 0700
+        passfile = Path(private) / "pgpass"
+        fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(passfile_line(secret))
+        yield libpq_env(cfg, passfile, base)
 
 
 def pg_dump_argv(cfg: DatabaseConfig, snapshot: str | None = None) -> list[str]:

@@ -15,6 +15,8 @@ class HealthInput:
     oldest_pending: datetime | None  # start time of the oldest backup whose upload is pending
     max_age_s: float
     max_pending_age_s: float
+    receiver_status: str = ""  # state.RECEIVER_*: "" unknown, ok, down, not_trusted
+    receiver_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -43,4 +45,7 @@ def evaluate(h: HealthInput) -> HealthResult:
         if pending_s > h.max_pending_age_s:
             reasons.append(f"an upload has been pending for {_hours(pending_s)} "
                            f"(max_pending_age_s allows {_hours(h.max_pending_age_s)})")
+    if h.receiver_status == "not_trusted":
+        # not an outage that heals by itself: an operator must fix the CA or the certificate
+        reasons.append(h.receiver_error or "receiver not trusted (TLS verification failed)")
     return HealthResult(ok=not reasons, reasons=reasons)

@@ -18,7 +18,7 @@ from typing import Any
 from mt5backupd import state, textfile
 from mt5backupd.backup import BackupResult, pending_command, run_backup, run_repository
 from mt5backupd.config import Config
-from mt5backupd.errors import EXIT_OK, EXIT_PENDING, LockHeldError, Mt5BackupError
+from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError
 from mt5backupd.verify import VerifyOutcome, verify
 
 
@@ -52,8 +52,10 @@ async def _run_and_record(cfg: Config, job: str,
             duration_s=round(time.monotonic() - t0, 3), error=error))
         await export_textfile(cfg)
         raise
+    # a good local backup whose upload did not happen (receiver down: exit 3, not trusted:
+    # exit 4) is "pending"; the receiver's state is recorded apart (state.record_receiver)
     outcome = ("success" if result.exit_code == EXIT_OK else
-               "pending" if result.exit_code == EXIT_PENDING else "failure")
+               "pending" if result.ok else "failure")
     state.record_run(cfg.local.dir, state.RunRecord(
         job=job, id=result.id, started=started.isoformat(),
         finished=datetime.now(UTC).isoformat(), result=outcome,

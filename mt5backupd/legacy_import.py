@@ -20,7 +20,12 @@ import re
 import sys
 from pathlib import Path
 
-from mt5backupd.config import load_config, normalize_remote_url, read_env_file
+from mt5backupd.config import (
+    is_plain_http_remote,
+    load_config,
+    normalize_remote_url,
+    read_env_file,
+)
 from mt5backupd.errors import Mt5BackupError
 from mt5backupd.fsutil import atomic_write_bytes
 
@@ -54,6 +59,17 @@ def set_key(text: str, section: str, key: str, value: str) -> str:
     return text[:start] + body + text[end:]
 
 
+def allow_plain_http(text: str, url: str) -> str:
+    """The legacy setup used plain http:// to another host; a config refuses that unless
+    ``allow_http = true``. Keep the backups flowing, and say why and how to end it."""
+    text = set_key(text, "remote", "allow_http", "true")
+    why = (f"# Imported: the legacy BACKUP_API_URL ({url}) is plain http:// to another host, so\n"
+           "# the token and the backups cross the network unencrypted. To move to TLS: give the\n"
+           "# receiver [receiver] tls_cert/tls_key, set url to https://..., point ca_file at its\n"
+           "# CA (if not a public one), then delete this line (docs/operations.md).\n")
+    return text.replace("\nallow_http = true", "\n" + why + "allow_http = true", 1)
+
+
 def import_legacy(example: Path, env_file: Path | None, config_out: Path, credentials: Path,
                   metrics_textfile: Path | None = None) -> None:
     env = read_env_file(env_file) if env_file is not None else {}
@@ -66,6 +82,8 @@ def import_legacy(example: Path, env_file: Path | None, config_out: Path, creden
             raw = normalize_remote_url(raw)
         value = json.dumps(raw) if kind is str else str(kind(raw))
         text = set_key(text, section, key, value)
+        if var == "BACKUP_API_URL" and is_plain_http_remote(raw):
+            text = allow_plain_http(text, raw)
     credentials.mkdir(parents=True, exist_ok=True, mode=0o700)
     for var, name in (("POSTGRES_PASSWORD", "db-password"), ("BACKUP_API_TOKEN", "remote-token")):
         if env.get(var):

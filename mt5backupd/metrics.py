@@ -118,6 +118,15 @@ class DiskCollector(Collector):
         yield GaugeMetricFamily(f"{P}_last_verify_duration_seconds",
                                 "pg_restore time of the last test restore (recovery time)",
                                 value=check.duration_s if check else 0.0)
+        receiver, _error = state.receiver_status(st)
+        yield GaugeMetricFamily(f"{P}_receiver_not_trusted",
+                                "1 if the last contact with the receiver failed TLS verification "
+                                "(unknown CA, wrong host name): needs an operator",
+                                value=1.0 if receiver == state.RECEIVER_NOT_TRUSTED else 0.0)
+        yield GaugeMetricFamily(f"{P}_receiver_down",
+                                "1 if the last contact with the receiver found it unreachable "
+                                "(an outage: uploads stay pending and are retried)",
+                                value=1.0 if receiver == state.RECEIVER_DOWN else 0.0)
         info = GaugeMetricFamily(f"{P}_build_info", "mt5backupd version", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mt5backupd.compress import decompress_file_to_fd, is_zstd_file
+from mt5backupd.dump import child_env
 from mt5backupd.errors import ConfigError, VerifyError
 
 
@@ -34,7 +35,7 @@ async def run_pg_restore(
             *argv,
             stdin=read_fd if streamed else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=dict(env) if env is not None else None,
+            env=dict(env) if env is not None else child_env(),
         )
     except FileNotFoundError:
         for fd in (read_fd, write_fd):

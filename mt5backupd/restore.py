@@ -18,7 +18,7 @@ from mt5backupd import spool
 from mt5backupd.backup import connect_db, receiver_client
 from mt5backupd.compress import decompress_file_to_fd, is_zstd_file
 from mt5backupd.config import Config, DatabaseConfig, Secret
-from mt5backupd.dump import libpq_env
+from mt5backupd.dump import pg_child_env
 from mt5backupd.errors import EXIT_USAGE, ConfigError, Mt5BackupError, VerifyError
 from mt5backupd.names import InvalidName, validate_backup_id
 from mt5backupd.pgrestore import run_pg_restore
@@ -214,11 +214,11 @@ async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local
             plain = restore_dir / (entry.id + ".dump")
             await asyncio.to_thread(_decompress_to, path, plain)
             archive = plain
-    env = libpq_env(db, password)
-    env["PGDATABASE"] = target_db
     t1 = time.monotonic()
     try:
-        rc, _out, err = await run_pg_restore(db.pg_restore, archive, args, env=env)
+        with pg_child_env(db, password) as env:
+            env["PGDATABASE"] = target_db
+            rc, _out, err = await run_pg_restore(db.pg_restore, archive, args, env=env)
     finally:
         if plain is not None:
             plain.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,27 @@ def _record(directory: Path, record: RunRecord, upload_retries: int,
     entry["upload_retries"] = int(entry["upload_retries"]) + upload_retries
     entry["uploaded_bytes"] = int(entry["uploaded_bytes"]) + uploaded_bytes
     atomic_write_json(directory / STATE_FILE, state, mode=0o640)
+
+
+# What the last contact with the receiver found. "not_trusted" (TLS verification failed) is
+# kept apart from "down" (unreachable, 5xx): one is an outage that heals, the other needs an
+# operator.
+RECEIVER_OK, RECEIVER_DOWN, RECEIVER_NOT_TRUSTED = "ok", "down", "not_trusted"
+
+
+def record_receiver(directory: Path, status: str, error: str = "") -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / STATE_LOCK).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = load_state(directory)
+        state["receiver"] = {"status": status, "error": error,
+                             "at": datetime.now(UTC).isoformat(timespec="seconds")}
+        atomic_write_json(directory / STATE_FILE, state, mode=0o640)
+
+
+def receiver_status(state: dict[str, Any]) -> tuple[str, str]:
+    """(status, error) of the last contact with the receiver; ("", "") when none is known."""
+    raw = state.get("receiver")
+    if not isinstance(raw, dict):
+        return "", ""
+    return str(raw.get("status", "")), str(raw.get("error", ""))

@@ -43,6 +43,22 @@ class ReceiverAuthError(ConfigError):
     pass
 
 
+NOT_TRUSTED = "receiver not trusted"
+
+
+class ReceiverNotTrusted(ConfigError):
+    """TLS verification of the receiver failed (unknown CA, wrong host name, expired). Not an
+    outage: retrying will not help and the operator must act, so it is a config error (exit 4);
+    the backup itself is still taken and kept locally, pending."""
+
+
+def _not_trusted(base_url: str, exc: aiohttp.ClientConnectorCertificateError) -> ReceiverNotTrusted:
+    return ReceiverNotTrusted(
+        f"{NOT_TRUSTED}: TLS verification of {base_url} failed ({exc.certificate_error}); set "
+        "[remote] ca_file to the CA that signed the receiver's certificate, or fix the "
+        "certificate's host name")
+
+
 class UploadGone(Mt5BackupError):
     """The receiver no longer has the upload session (expired, aborted or discarded)."""
 
@@ -104,6 +120,8 @@ class ReceiverClient:
                     body = await resp.read()
                 headers = dict(resp.headers)
                 status = resp.status
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise _not_trusted(self.base_url, exc) from None
         except aiohttp.ClientSSLError as exc:
             raise ReceiverRejected(f"TLS failure talking to {self.base_url}: {exc}", 0,
                                    "tls") from None
@@ -202,6 +220,8 @@ class ReceiverClient:
                 with part.open(mode) as out:
                     async for block in resp.content.iter_chunked(CHUNK_BYTES):
                         out.write(block)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise _not_trusted(self.base_url, exc) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ReceiverUnavailable(f"download of {backup} interrupted: {exc}") from None
         part.rename(dest)
@@ -262,6 +282,9 @@ class UploadProgress:
     resumed_at: list[int] = field(default_factory=list)  # receiver offsets resumed from
     on_retry: Callable[[], None] = field(default=lambda: None)
     on_bytes: Callable[[int], None] = field(default=lambda _n: None)
+    # called with the id of each new session as soon as the receiver created it, so the caller
+    # can journal it and clean it up after a crash (kill -9, power loss)
+    on_session: Callable[[str], None] = field(default=lambda _uid: None)
 
 
 async def _file_body(source: GrowingSource, fd: int, start: int,
@@ -308,6 +331,7 @@ async def send_following(
                 if progress.uid is None:
                     progress.uid = await client.create_upload(name, kind, None, metadata)
                     progress.offset = 0
+                    progress.on_session(progress.uid)
                 elif need_offset:
                     offset = await client.upload_offset(progress.uid)
                     if offset > progress.offset:

@@ -17,7 +17,7 @@ from loguru import logger
 from mt5backupd import spool
 from mt5backupd.backup import connect_db
 from mt5backupd.config import Config
-from mt5backupd.dump import libpq_env
+from mt5backupd.dump import pg_child_env
 from mt5backupd.errors import Mt5BackupError
 from mt5backupd.lock import RunLock
 from mt5backupd.pgrestore import list_archive, run_pg_restore
@@ -115,12 +115,12 @@ async def _verify_locked(cfg: Config, manifest: spool.Manifest) -> VerifyOutcome
     try:
         await admin.execute(f"CREATE DATABASE {_quote(scratch)}")
         try:
-            env = libpq_env(db, password)
-            env["PGDATABASE"] = scratch
             t0 = time.monotonic()
-            rc, _out, err = await run_pg_restore(
-                db.pg_restore, path, ["--exit-on-error", "--no-owner", "--no-privileges",
-                                      f"--dbname={scratch}"], env=env)
+            with pg_child_env(db, password) as env:
+                env["PGDATABASE"] = scratch
+                rc, _out, err = await run_pg_restore(
+                    db.pg_restore, path, ["--exit-on-error", "--no-owner", "--no-privileges",
+                                          f"--dbname={scratch}"], env=env)
             outcome.restore_s = time.monotonic() - t0
             if rc != 0:
                 last = err.strip().splitlines()[-1] if err.strip() else f"exit status {rc}"

@@ -120,6 +120,11 @@ if [ "$ROLE" = daemon ]; then
             fi
             "$VENV/bin/python" -m mt5backupd.legacy_import "${import[@]}"
             say "wrote ${config#"$ROOT"} from $from"
+            if grep -q '^allow_http = true' "$config"; then
+                # legacy_import wrote it, with a comment on moving to TLS
+                say "NOTE: BACKUP_API_URL is plain http:// to another host; kept working with" \
+                    "[remote] allow_http = true — move the receiver to TLS (docs/operations.md)"
+            fi
         else
             install -m 0600 "$SRC/config.example.toml" "$config"
             say "wrote ${config#"$ROOT"} from config.example.toml (edit it)"

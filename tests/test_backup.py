@@ -363,6 +363,7 @@ async def test_cli_run_now_json_and_legacy_env_file(backup_setup: BackupSetup,
         f"BACKUP_API_URL={backup_setup.receiver.url}/api/backup/upload\n"
         f"BACKUP_API_TOKEN={backup_setup.receiver.tokens.alice}\nMAX_RETRIES=3\nRETRY_DELAY=1\n"
     )
+    legacy.chmod(0o600)  # it holds the token: readable by others would be refused
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "MT5BACKUPD"))}
     env["PATH"] = f"{backup_setup.pg.bin_dir}:{env['PATH']}"  # pg_dump of the server's version
     run = await asyncio.to_thread(

@@ -141,6 +141,7 @@ def test_legacy_env_file_overrides(tmp_path: Path) -> None:
         "BACKUP_DIR=/var/backups/mt5\nKEEP_LOCAL_BACKUPS=5\n"
         "BACKUP_API_URL=http://backup:9101/api/backup/upload\nBACKUP_API_TOKEN=tok-123456\n"
         "MAX_RETRIES=4\nRETRY_DELAY=10 # seconds\n")
+    env_file.chmod(0o600)  # it holds a password: group/world-readable would be refused
     cfg = load_config(None, env={}, env_file=env_file)
     assert cfg.database.dbname == "mt5_trading"
     assert cfg.database.user == "trader"
