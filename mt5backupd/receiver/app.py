@@ -728,6 +728,17 @@ class _HardenedHandler(RequestHandler):
         resp.force_close()
         return resp
 
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # After the answer, aiohttp drains an unread body; a broken one (bad gzip, bad
+        # chunking) raises there and lands here as "Unhandled exception" with a traceback at
+        # ERROR. It is the client's broken body, not our fault: one rate-limited INFO line.
+        exc = kw.get("exc_info")
+        if isinstance(exc, HttpProcessingError | RequestPayloadError):
+            self._noise.info(self._noise.malformed, "malformed request body refused ({})",
+                             type(exc).__name__)
+            return
+        super().log_exception(*args, **kw)
+
 
 class _HardenedServer(web.Server):
     """Builds _HardenedHandler connections (web.Server hard-codes RequestHandler)."""
