@@ -74,6 +74,9 @@ class ReceiverConfig:
     max_upload_bytes: int = 200 * 1024**3
     min_free_bytes: int = 1024**3
     partial_ttl_s: float = 7 * 86400.0
+    # A connection without complete request headers this long after it opened (or after its
+    # last response) is closed: silent and slow-header connections cannot pile up.
+    header_timeout_s: float = 30.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     retention: RetentionConfig = field(default_factory=RetentionConfig)
@@ -345,6 +348,7 @@ def _load_receiver(sec: _Section) -> ReceiverConfig:
         max_upload_bytes=sec.int_min("max_upload_bytes", d.max_upload_bytes, 1),
         min_free_bytes=sec.int_min("min_free_bytes", d.min_free_bytes, 0),
         partial_ttl_s=sec.float_min("partial_ttl_s", d.partial_ttl_s, 1.0),
+        header_timeout_s=sec.float_min("header_timeout_s", d.header_timeout_s, 1.0),
         tls_cert=sec.opt_path("tls_cert"),
         tls_key=sec.opt_path("tls_key"),
         retention=retention,

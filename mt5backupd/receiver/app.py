@@ -9,21 +9,34 @@ import signal
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mt5backupd import __version__
 from mt5backupd.config import Config, ReceiverConfig
 from mt5backupd.errors import ConfigError
-from mt5backupd.names import SIDECAR_SUFFIX, is_sha256_hex
+from mt5backupd.names import (
+    SIDECAR_SUFFIX,
+    InvalidName,
+    is_sha256_hex,
+    validate_backup_id,
+    validate_kind,
+)
 from mt5backupd.receiver.auth import Principal, TokenStore
 from mt5backupd.receiver.metrics import ReceiverMetrics
-from mt5backupd.receiver.ranges import RangeNotSatisfiable, parse_range
+from mt5backupd.receiver.ranges import (
+    RangeMalformed,
+    RangeNotSatisfiable,
+    parse_offset,
+    parse_range,
+)
 from mt5backupd.receiver.storage import (
     BadRequest,
     ChecksumMismatch,
@@ -32,6 +45,7 @@ from mt5backupd.receiver.storage import (
     InvalidId,
     NotFound,
     OffsetMismatch,
+    RequestTimeout,
     SizeMismatch,
     Storage,
     StorageError,
@@ -51,6 +65,7 @@ TOKENS_KEY = web.AppKey("tokens", TokenStore)
 METRICS_KEY = web.AppKey("metrics", ReceiverMetrics)
 CONFIG_KEY = web.AppKey("config", ReceiverConfig)
 STARTED_KEY = web.AppKey("started", float)
+BODY_IDLE_KEY = web.AppKey("body_idle_timeout_s", float)
 PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 
 _STATUS: dict[type[StorageError], int] = {
@@ -64,6 +79,7 @@ _STATUS: dict[type[StorageError], int] = {
     InsufficientStorage: 507,
     ChecksumMismatch: 422,
     SizeMismatch: 422,
+    RequestTimeout: 408,
 }
 
 
@@ -76,6 +92,64 @@ _STATUS[Forbidden] = 403
 
 def _error(status: int, reason: str, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": reason, "message": message, **extra}, status=status)
+
+
+class LogBudget:
+    """At most ``lines`` log lines per ``window_s`` for one kind of noise a stranger can cause
+    (malformed requests, clients that go away); the rest are only counted, and the count rides
+    on the next line allowed. Pure: the caller passes the clock."""
+
+    def __init__(self, lines: int, window_s: float) -> None:
+        self.lines = lines
+        self.window_s = window_s
+        self._window_start = float("-inf")
+        self._used = 0
+        self._suppressed = 0
+
+    def take(self, now: float) -> int | None:
+        """None: stay silent. Otherwise log, mentioning the returned number of lines dropped
+        since the last one."""
+        if now - self._window_start >= self.window_s:
+            self._window_start = now
+            self._used = 0
+        if self._used >= self.lines:
+            self._suppressed += 1
+            return None
+        self._used += 1
+        dropped, self._suppressed = self._suppressed, 0
+        return dropped
+
+
+NOISE_LINES_PER_WINDOW = 10
+NOISE_WINDOW_S = 60.0
+MAX_LOGGED_CHARS = 120
+
+
+@dataclass
+class NoiseLog:
+    """The receiver's rate-limited INFO lines for what strangers and flaky networks cause."""
+
+    metrics: ReceiverMetrics
+    malformed: LogBudget = field(
+        default_factory=lambda: LogBudget(NOISE_LINES_PER_WINDOW, NOISE_WINDOW_S))
+    gone: LogBudget = field(
+        default_factory=lambda: LogBudget(NOISE_LINES_PER_WINDOW, NOISE_WINDOW_S))
+
+    def info(self, budget: LogBudget, message: str, *args: Any) -> None:
+        dropped = budget.take(time.monotonic())
+        if dropped is None:
+            return
+        suffix = f" ({dropped} similar lines suppressed)" if dropped else ""
+        logger.opt(exception=None).info(message + suffix, *args)
+
+
+NOISE_KEY = web.AppKey("noise", NoiseLog)
+
+
+def _short(text: object) -> str:
+    """A client-controlled value cut to a size fit for a log line (paths can be 8 KiB)."""
+    value = str(text)
+    return value if len(value) <= MAX_LOGGED_CHARS else value[:MAX_LOGGED_CHARS] + "..."
 
 
 @web.middleware
@@ -102,10 +176,29 @@ async def _errors_and_auth(
             extra["offset"] = exc.current
             headers["Upload-Offset"] = str(exc.current)
         logger.bind(client=_client_name(request)).info(
-            "{} {} refused: {} ({})", request.method, request.path, exc.reason, exc
+            "{} {} refused: {} ({})", _short(request.method), _short(request.path), exc.reason,
+            _short(exc),
         )
         resp = _error(status, exc.reason, str(exc), **extra)
         resp.headers.update(headers)
+        if isinstance(exc, RequestTimeout):
+            resp.force_close()  # the rest of the body may never come: do not wait for it
+        return resp
+    except RequestPayloadError:
+        # The body's framing is broken (bad chunked encoding, a bad compressed stream).
+        metrics.rejections.labels(reason="bad_request").inc()
+        resp = _error(400, "bad_request", "the request body is malformed")
+        resp.force_close()
+        return resp
+    except ConnectionError:
+        # The client went away (reset, closed mid-body or mid-download): nothing is wrong here,
+        # and what an upload received is kept. One line, no traceback; the answer below is
+        # never read (aiohttp notices the closed transport and drops it quietly).
+        request.app[NOISE_KEY].info(
+            request.app[NOISE_KEY].gone, "client {} went away during {} {}", request.remote,
+            _short(request.method), _short(request.path))
+        resp = web.Response(status=400)
+        resp.force_close()
         return resp
 
 
@@ -140,8 +233,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not request.body_exists:
         return {}
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        async with _body_wait(request):
+            body = await request.json()
+    except (ValueError, RecursionError):
+        # JSONDecodeError, UnicodeDecodeError, an integer past int()'s digit limit, nesting
+        # deeper than the recursion limit: all just bad JSON from the client.
         raise BadRequest("body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
@@ -165,13 +261,33 @@ def _sha_param(value: Any, what: str) -> str:
 BODY_IDLE_TIMEOUT_S = 120.0
 
 
+def _body_timeout(request: web.Request) -> RequestTimeout:
+    return RequestTimeout(f"no request body data for {request.app[BODY_IDLE_KEY]:g} s")
+
+
+@contextlib.asynccontextmanager
+async def _body_wait(request: web.Request) -> AsyncIterator[None]:
+    """One wait for body data, bounded by the body idle timeout (408 when it passes)."""
+    try:
+        async with asyncio.timeout(request.app[BODY_IDLE_KEY]):
+            yield
+    except TimeoutError:
+        raise _body_timeout(request) from None
+
+
 async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    """The body as it arrives. A client silent for BODY_IDLE_TIMEOUT_S (a half-open TCP
-    connection) ends the request, so it cannot hold its upload's lock for hours."""
+    """The body as it arrives. A client silent for the body idle timeout (a half-open TCP
+    connection, a stalled sender) ends the request with 408, so it cannot hold its upload's
+    lock for hours."""
+    idle_s = request.app[BODY_IDLE_KEY]
     while True:
-        # asyncio.timeout, not wait_for: no extra task per chunk on the ingest path
-        async with asyncio.timeout(BODY_IDLE_TIMEOUT_S):
-            chunk = await request.content.readany()
+        # asyncio.timeout inline, not wait_for: no extra task or context manager object per
+        # chunk on the ingest path
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise _body_timeout(request) from None
         if not chunk:
             return
         yield chunk
@@ -180,18 +296,26 @@ async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
 MAX_FIELD_BYTES = 64 * 1024
 
 
-async def _field_text(part: BodyPartReader) -> str:
+async def _field_text(request: web.Request, part: BodyPartReader) -> str:
     """A small form field, read with a bound (a text field is never a reason to buffer MBs)."""
     data = bytearray()
-    while chunk := await part.read_chunk(8192):
+    while True:
+        async with _body_wait(request):
+            chunk = await part.read_chunk(8192)
+        if not chunk:
+            break
         data += chunk
         if len(data) > MAX_FIELD_BYTES:
             raise BadRequest(f"form field {part.name!r} is larger than {MAX_FIELD_BYTES} bytes")
     return data.decode(errors="replace")
 
 
-async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
-    while chunk := await part.read_chunk(READ_BUFSIZE):
+async def _part_chunks(request: web.Request, part: BodyPartReader) -> AsyncIterator[bytes]:
+    while True:
+        async with _body_wait(request):
+            chunk = await part.read_chunk(READ_BUFSIZE)
+        if not chunk:
+            return
         yield chunk
 
 
@@ -257,13 +381,14 @@ async def upload_status(request: web.Request) -> web.Response:
 
 
 async def append_upload(request: web.Request) -> web.Response:
-    raw_offset = request.headers.get("Upload-Offset", "")
-    if not raw_offset.isdigit():
-        raise BadRequest("Upload-Offset header (a non-negative integer) is required")
+    wanted = parse_offset(request.headers.get("Upload-Offset"))
+    if wanted is None:
+        raise BadRequest("Upload-Offset header (a non-negative integer in ASCII digits) is "
+                         "required")
     m = request.app[METRICS_KEY]
     with m.uploads_in_flight.track_inprogress():
         offset = await request.app[STORAGE_KEY].append(
-            _principal(request).name, request.match_info["uid"], int(raw_offset),
+            _principal(request).name, request.match_info["uid"], wanted,
             _body_chunks(request), request.content_length,
         )
     return web.Response(status=204, headers={"Upload-Offset": str(offset)})
@@ -305,48 +430,49 @@ def _default_name() -> str:
     return datetime.now(UTC).strftime("upload-%Y%m%d-%H%M%S.dump")
 
 
+def _check_name(name: str | None) -> None:
+    if name is not None:
+        try:
+            validate_backup_id(name)
+        except InvalidName as exc:
+            raise InvalidId(str(exc)) from None
+
+
+def _check_kind(kind: str) -> None:
+    try:
+        validate_kind(kind)
+    except InvalidName as exc:
+        raise InvalidId(str(exc)) from None
+
+
 async def legacy_upload(request: web.Request) -> web.Response:
-    """``curl -F file=@x.dump`` (multipart) or a raw body; optional sha256 verified."""
+    """``curl -F file=@x.dump`` (multipart) or a raw body; optional sha256 verified.
+
+    Everything known before the body (name, kind, declared sha256 from the URL, the headers
+    or form fields that precede the file) is checked before a byte of it is stored: a bad
+    name must not cost the receiver a 1 GB write first."""
     storage = request.app[STORAGE_KEY]
     client = _principal(request).name
     name = request.query.get("name") or request.headers.get("X-Backup-Name")
     kind = request.query.get("kind", "database")
     raw_sha = request.headers.get("X-Content-SHA256") or request.query.get("sha256")
+    _check_name(name)
+    _check_kind(kind)
+    expected = _sha_param(raw_sha, "sha256") if raw_sha else None
     metadata: Any = None
     temp: TempUpload | None = None
     m = request.app[METRICS_KEY]
     try:
         with m.uploads_in_flight.track_inprogress():
             if request.content_type.startswith("multipart/"):
-                reader = await request.multipart()
-                while (part := await reader.next()) is not None:
-                    if not isinstance(part, BodyPartReader):
-                        raise BadRequest("nested multipart is not supported")
-                    if part.name == "file":
-                        if temp is not None:
-                            raise BadRequest("only one file field per upload")
-                        name = name or part.filename
-                        temp = await storage.receive_temp(client, _part_chunks(part), None)
-                    elif part.name in ("sha256", "checksum"):
-                        # Accept the bare hash or a whole `sha256sum` line.
-                        raw_sha = ((await _field_text(part)).split() or [""])[0]
-                    elif part.name == "name":
-                        name = (await _field_text(part)).strip()
-                    elif part.name == "kind":
-                        kind = (await _field_text(part)).strip()
-                    elif part.name == "metadata":
-                        try:
-                            metadata = json.loads(await _field_text(part))
-                        except ValueError:
-                            raise BadRequest("metadata field is not valid JSON") from None
-                    else:
-                        await part.release()
-                if temp is None:
-                    raise BadRequest("multipart upload without a 'file' field")
+                try:
+                    temp, name, kind, expected, metadata = await _legacy_multipart(
+                        request, client, name, kind, expected)
+                except ValueError as exc:  # aiohttp's multipart parser: a broken body
+                    raise BadRequest(f"malformed multipart body ({_short(exc)})") from None
             else:
                 temp = await storage.receive_temp(client, _body_chunks(request),
                                                   request.content_length)
-        expected = _sha_param(raw_sha, "sha256") if raw_sha else None
         final, temp = temp, None
         record = await storage.publish_temp(final, name or _default_name(), kind, metadata,
                                             expected)
@@ -355,6 +481,56 @@ async def legacy_upload(request: web.Request) -> web.Response:
             storage.discard_temp(temp)
     _committed(request, record.kind, record.id, record.size)
     return web.json_response({"status": "ok", **record.to_json()})
+
+
+async def _legacy_multipart(
+    request: web.Request, client: str, name: str | None, kind: str, expected: str | None,
+) -> tuple[TempUpload, str | None, str, str | None, Any]:
+    """Read a multipart one-shot upload; each field is checked as it arrives, so fields sent
+    before the file refuse the upload before its bytes are stored."""
+    storage = request.app[STORAGE_KEY]
+    metadata: Any = None
+    temp: TempUpload | None = None
+    try:
+        reader = await request.multipart()
+        while True:
+            async with _body_wait(request):
+                part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise BadRequest("nested multipart is not supported")
+            if part.name == "file":
+                if temp is not None:
+                    raise BadRequest("only one file field per upload")
+                name = name or part.filename
+                _check_name(name)
+                temp = await storage.receive_temp(client, _part_chunks(request, part), None)
+            elif part.name in ("sha256", "checksum"):
+                # Accept the bare hash or a whole `sha256sum` line.
+                raw_sha = ((await _field_text(request, part)).split() or [""])[0]
+                expected = _sha_param(raw_sha, "sha256") if raw_sha else None
+            elif part.name == "name":
+                name = (await _field_text(request, part)).strip()
+                _check_name(name)
+            elif part.name == "kind":
+                kind = (await _field_text(request, part)).strip()
+                _check_kind(kind)
+            elif part.name == "metadata":
+                try:
+                    metadata = json.loads(await _field_text(request, part))
+                except (ValueError, RecursionError):
+                    raise BadRequest("metadata field is not valid JSON") from None
+            else:
+                async with _body_wait(request):
+                    await part.release()
+        if temp is None:
+            raise BadRequest("multipart upload without a 'file' field")
+    except BaseException:
+        if temp is not None:
+            storage.discard_temp(temp)
+        raise
+    return temp, name, kind, expected, metadata
 
 
 async def list_backups(request: web.Request) -> web.Response:
@@ -397,6 +573,8 @@ async def download(request: web.Request) -> web.StreamResponse:
         except RangeNotSatisfiable:
             return web.Response(status=416, headers={**headers,
                                                      "Content-Range": f"bytes */{record.size}"})
+        except RangeMalformed:
+            raise BadRequest("Range: positions must be ASCII digits (bytes=FIRST-LAST)") from None
         start, end = span if span is not None else (0, record.size - 1)
         length = max(0, end - start + 1)
         resp = web.StreamResponse(status=206 if span else 200, headers=headers)
@@ -412,7 +590,15 @@ async def download(request: web.Request) -> web.StreamResponse:
         while remaining > 0:
             block = await loop.run_in_executor(None, fh.read, min(DOWNLOAD_CHUNK_BYTES, remaining))
             if not block:
-                break
+                # The file on disk is shorter than its record (truncated by someone or a
+                # failing disk). The promised Content-Length can never be met: close now, so
+                # the client fails at once instead of waiting for bytes until its timeout.
+                logger.bind(client=client).error(
+                    "backup {} is truncated on disk ({} bytes short of its {}-byte record); "
+                    "download closed", record.id, remaining, record.size)
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
             await resp.write(block)
             remaining -= len(block)
         await resp.write_eof()
@@ -478,7 +664,8 @@ async def _expire_loop(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_app(cfg: ReceiverConfig, tokens: TokenStore,
-             metrics: ReceiverMetrics | None = None) -> web.Application:
+             metrics: ReceiverMetrics | None = None, *,
+             body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S) -> web.Application:
     metrics = metrics or ReceiverMetrics()
     storage = Storage(
         cfg.data_dir,
@@ -494,6 +681,8 @@ def make_app(cfg: ReceiverConfig, tokens: TokenStore,
     app[METRICS_KEY] = metrics
     app[CONFIG_KEY] = cfg
     app[STARTED_KEY] = time.monotonic()
+    app[BODY_IDLE_KEY] = body_idle_timeout_s
+    app[NOISE_KEY] = NoiseLog(metrics)
     app.cleanup_ctx.append(_expire_loop)
     r = app.router
     r.add_get("/health", health)
@@ -512,6 +701,61 @@ def make_app(cfg: ReceiverConfig, tokens: TokenStore,
     r.add_post("/api/admin/prune", prune)
     return app
 
+
+GENERIC_400_BODY = "400 Bad Request: the request is not valid HTTP\n"
+
+
+class _HardenedHandler(RequestHandler):
+    """aiohttp's connection protocol, except for requests its parser refuses: its own error
+    path logs the exception (whose message quotes the offending header, a token included) at
+    ERROR with a traceback and echoes it in the 400 body. Here: one rate-limited INFO line with
+    the peer and the kind of error, and a body that says nothing about the request."""
+
+    __slots__ = ("_noise",)
+
+    def __init__(self, manager: web.Server, noise: NoiseLog, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._noise = noise
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        self._noise.metrics.rejections.labels(reason="malformed_request").inc()
+        self._noise.info(self._noise.malformed, "malformed request from {} refused ({})",
+                         request.remote, type(exc).__name__)
+        resp = web.Response(status=400, text=GENERIC_400_BODY)
+        resp.force_close()
+        return resp
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # After the answer, aiohttp drains an unread body; a broken one (bad gzip, bad
+        # chunking) raises there and lands here as "Unhandled exception" with a traceback at
+        # ERROR. It is the client's broken body, not our fault: one rate-limited INFO line.
+        exc = kw.get("exc_info")
+        if isinstance(exc, HttpProcessingError | RequestPayloadError):
+            self._noise.info(self._noise.malformed, "malformed request body refused ({})",
+                             type(exc).__name__)
+            return
+        super().log_exception(*args, **kw)
+
+
+class _HardenedServer(web.Server):
+    """Builds _HardenedHandler connections (web.Server hard-codes RequestHandler)."""
+
+    noise: NoiseLog
+
+    def __call__(self) -> RequestHandler:
+        return _HardenedHandler(self, self.noise, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # Same object, same state; only __call__ (the protocol factory) differs.
+        server.__class__ = _HardenedServer
+        cast(_HardenedServer, server).noise = self.app[NOISE_KEY]
+        return server
 
 
 def ssl_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:
@@ -552,10 +796,14 @@ async def start_receiver(
     tokens: TokenStore,
     *,
     metrics: ReceiverMetrics | None = None,
+    body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S,
 ) -> RunningReceiver:
     """Start serving on cfg.listen_host:cfg.listen_port (port 0 picks a free one)."""
-    app = make_app(cfg, tokens, metrics)
-    runner = web.AppRunner(app, read_bufsize=READ_BUFSIZE, access_log=None)
+    app = make_app(cfg, tokens, metrics, body_idle_timeout_s=body_idle_timeout_s)
+    # aiohttp's keep-alive timer also runs from the moment a connection opens and only closes
+    # a connection that is waiting for request headers: exactly the header timeout.
+    runner = _Runner(app, read_bufsize=READ_BUFSIZE, access_log=None,
+                     keepalive_timeout=cfg.header_timeout_s)
     await runner.setup()
     ctx = ssl_context(cfg)
     site = web.TCPSite(runner, cfg.listen_host, cfg.listen_port, ssl_context=ctx,

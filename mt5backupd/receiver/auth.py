@@ -42,7 +42,14 @@ class TokenEntry:
 
 
 def digest_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    """SHA-256 of the token's bytes. Header values arrive decoded with surrogateescape, so a
+    token that is not UTF-8 (bytes ``ff fe fd``) holds lone surrogates: they are hashed back to
+    their bytes instead of raising (a 500 anyone could trigger before authentication)."""
+    try:
+        raw = token.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates outside the escape range: still just a wrong token
+        raw = token.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _read_entries(path: Path) -> list[TokenEntry]:

@@ -27,6 +27,8 @@ REJECTION_REASONS = (
     "insufficient_storage",
     "checksum_mismatch",
     "size_mismatch",
+    "request_timeout",  # a body that stopped arriving (408)
+    "malformed_request",  # not parseable as HTTP (400 before any route or auth)
 )
 
 
@@ -44,7 +46,9 @@ class _StorageCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_storage_free_bytes",
                                 "Bytes free on the data_dir filesystem", value=free)
         yield GaugeMetricFamily(f"{PREFIX}_partial_uploads",
-                                "Resumable uploads not yet committed or aborted",
+                                "Uploads not yet committed or aborted: resumable ones, and "
+                                "one-shot ones being received (or left by a crash until the "
+                                "next start)",
                                 value=self._partials())
 
 

@@ -12,6 +12,10 @@ Layout under ``data_dir`` (one filesystem, so every publish is a rename)::
 A backup becomes visible by one directory rename of a fully written, fsynced directory, so a
 reader sees either nothing or the whole verified backup. rename(2) refuses a non-empty target,
 so an existing backup can never be replaced: append-only is enforced by the filesystem itself.
+
+Every file read under the root is opened with O_NOFOLLOW (and O_NONBLOCK, so a planted FIFO
+cannot hang a request), must be a regular file and must resolve inside the root. An entry that
+is not (a symlink, a foreign or corrupt ``meta.json``) is skipped when listing and logged once.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
@@ -31,9 +36,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from loguru import logger
+
 from mt5backupd.fsutil import atomic_write_json, free_bytes, fsync_dir, is_disk_full
 from mt5backupd.names import (
     InvalidName,
+    is_sha256_hex,
     validate_backup_id,
     validate_client_name,
     validate_kind,
@@ -44,6 +52,10 @@ from mt5backupd.retention import Item, Policy, select_remove
 WRITE_CHUNK_BYTES = 1024 * 1024
 FREE_CHECK_EVERY_BYTES = 64 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
+# A meta.json or session description is small; a bigger one is not ours (never read it whole).
+MAX_RECORD_FILE_BYTES = 4 * MAX_METADATA_BYTES + 64 * 1024
+ONESHOT_PREFIX = "oneshot-"
+MAX_WARNED_ENTRIES = 10_000
 ABORT_WAIT_S = 30.0
 
 BytesCallback = Callable[[int], None]
@@ -69,6 +81,17 @@ class BadRequest(StorageError):
 
 class InvalidId(BadRequest):
     reason = "invalid_id"
+
+
+class RequestTimeout(StorageError):
+    """The client stopped sending its body (idle past the body timeout)."""
+
+    reason = "request_timeout"
+
+
+class BadEntry(Exception):
+    """A file under the root that is not what the receiver wrote: a symlink, a special file,
+    something outside the root, or a record that does not match its place. Never served."""
 
 
 class UploadBusy(StorageError):
@@ -289,6 +312,68 @@ class _ChunkWriter:
             self._pending = []
 
 
+def open_regular(path: Path) -> int:
+    """An fd for reading ``path``: never through a symlink (O_NOFOLLOW on the last component),
+    never blocking on a FIFO, and only a regular file. Raises BadEntry otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # ELOOP (a symlink), EACCES, ENXIO ...
+        raise BadEntry(f"cannot open ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadEntry("not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_small_json(path: Path) -> Any:
+    """The JSON in a small regular file (meta.json, a session description); BadEntry when it is
+    not one (FileNotFoundError passes through: a missing file is not a bad one)."""
+    fd = open_regular(path)
+    try:
+        if os.fstat(fd).st_size > MAX_RECORD_FILE_BYTES:
+            raise BadEntry(f"larger than {MAX_RECORD_FILE_BYTES} bytes")
+        raw = os.read(fd, MAX_RECORD_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadEntry("not valid JSON") from None
+
+
+def record_from_json(data: Any, client: str, backup_id: str) -> BackupRecord:
+    """Check a meta.json against its place: a record that names another backup or another
+    client (copied or planted) is foreign, and one with impossible fields is corrupt."""
+    if not isinstance(data, dict):
+        raise BadEntry("record is not a JSON object")
+    if data.get("id") != backup_id or data.get("client") != client:
+        raise BadEntry("record names another backup or client")
+    size, sha256, metadata = data.get("size"), data.get("sha256"), data.get("metadata") or {}
+    if (not isinstance(size, int) or isinstance(size, bool) or size < 0
+            or not isinstance(sha256, str) or not is_sha256_hex(sha256)
+            or not isinstance(data.get("name"), str) or not isinstance(data.get("created"), str)
+            or not isinstance(data.get("kind"), str) or not isinstance(metadata, dict)):
+        raise BadEntry("record has missing or invalid fields")
+    try:
+        validate_kind(data["kind"])
+        created = datetime.fromisoformat(data["created"])
+    except (InvalidName, ValueError):
+        raise BadEntry("record has an invalid kind or created time") from None
+    if created.tzinfo is None:
+        raise BadEntry("record has a created time without a zone")
+    return BackupRecord(
+        id=backup_id, client=client, name=data["name"], kind=data["kind"], size=size,
+        sha256=sha256, created=data["created"], metadata=metadata,
+    )
+
+
 class Storage:
     def __init__(
         self,
@@ -308,10 +393,26 @@ class Storage:
         for sub in ("backups", "partial", "staging", "trash"):
             (root / sub).mkdir(parents=True, exist_ok=True, mode=0o750)
         self._real_root = os.path.realpath(root)
+        self._warned: set[tuple[str, str]] = set()
         # A crash mid-publish or mid-delete leaves these; neither is ever visible as a backup.
         for sub in ("staging", "trash"):
             for leftover in (root / sub).iterdir():
                 shutil.rmtree(leftover, ignore_errors=True)
+        # A one-shot upload cannot be resumed (its client got an error and sends it again), so a
+        # kill -9 mid-body leaves dead bytes: remove them, like the staging dir.
+        for leftover in (root / "partial").glob(f"*/{ONESHOT_PREFIX}*.data"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def warn_once(self, where: str, why: str) -> None:
+        """Log a bad entry the first time it is met (a list is served often; the log stays
+        readable). The set is bounded: past it, entries are simply not logged again."""
+        key = (where, why)
+        if key in self._warned:
+            return
+        if len(self._warned) < MAX_WARNED_ENTRIES:
+            self._warned.add(key)
+        logger.warning("skipping {} under data_dir: {}", where, why)
 
     # ---- paths, always validated and confined to the root ----
 
@@ -328,12 +429,17 @@ class Storage:
             raise InvalidId(str(exc)) from None
         return self._inside(self.root / area / client)
 
-    def _backup_dir(self, client: str, backup_id: str) -> Path:
+    def _backup_path(self, client: str, backup_id: str) -> Path:
+        """The validated, not yet confined, path of a backup (readers check what is there)."""
         try:
+            validate_client_name(client)
             validate_backup_id(backup_id)
         except InvalidName as exc:
             raise InvalidId(str(exc)) from None
-        return self._inside(self._client_dir("backups", client) / backup_id)
+        return self.root / "backups" / client / backup_id
+
+    def _backup_dir(self, client: str, backup_id: str) -> Path:
+        return self._inside(self._backup_path(client, backup_id))
 
     def _partial_paths(self, client: str, uid: str) -> tuple[Path, Path]:
         try:
@@ -354,16 +460,23 @@ class Storage:
             )
 
     def usage(self) -> tuple[int, int]:
-        """(bytes used by committed backups, bytes free on the filesystem)."""
+        """(bytes used by committed backups, bytes free on the filesystem). Only real
+        directories and regular files count: a planted symlink or file never breaks /health."""
         used = 0
-        for client_dir in (self.root / "backups").iterdir():
-            for backup in client_dir.iterdir():
+        for client_dir in _real_subdirs(self.root / "backups"):
+            for backup in _real_subdirs(client_dir):
                 with contextlib.suppress(OSError):
-                    used += (backup / "data").stat().st_size
+                    st = os.lstat(backup / "data")
+                    if stat.S_ISREG(st.st_mode):
+                        used += st.st_size
         return used, free_bytes(self.root)
 
     def partial_count(self) -> int:
-        return sum(1 for _ in (self.root / "partial").glob("*/*.json"))
+        """Resumable uploads (their description) plus one-shot uploads being received or left
+        by a crash, until they are swept."""
+        partial = self.root / "partial"
+        return (sum(1 for _ in partial.glob("*/*.json"))
+                + sum(1 for _ in partial.glob(f"*/{ONESHOT_PREFIX}*.data")))
 
     # ---- resumable sessions ----
 
@@ -411,13 +524,21 @@ class Storage:
             self._sessions.pop(key, None)  # expired or removed underneath us
             raise NotFound(f"upload {uid} not found")
         try:
-            info = json.loads(meta_path.read_text())
-            size = data_path.stat().st_size
-        except (FileNotFoundError, ValueError):
+            info = read_small_json(meta_path)
+            st = os.lstat(data_path)
+            if not stat.S_ISREG(st.st_mode):
+                raise BadEntry("upload data is not a regular file")
+            expected = info.get("expected_size")
+            sess = _Session(uid, client, str(info["name"]), str(info["kind"]),
+                            expected if isinstance(expected, int) else None,
+                            _check_metadata(info.get("metadata")), str(info["created"]),
+                            offset=st.st_size, hasher=None)
+        except FileNotFoundError:
+            raise NotFound(f"upload {uid} not found") from None
+        except (BadEntry, BadRequest, KeyError, AttributeError) as exc:
+            self.warn_once(f"partial/{client}/{uid}", str(exc) or type(exc).__name__)
             raise NotFound(f"upload {uid} not found") from None
         # After a restart the hash is rebuilt from disk on first use (see _ensure_hasher).
-        sess = _Session(uid, client, info["name"], info["kind"], info.get("expected_size"),
-                        info.get("metadata") or {}, info["created"], offset=size, hasher=None)
         self._sessions[key] = sess
         return sess
 
@@ -429,7 +550,7 @@ class Storage:
         def rehash() -> tuple[Any, int]:
             h = hashlib.sha256()
             n = 0
-            with data_path.open("rb") as fh:
+            with os.fdopen(open_regular(data_path), "rb") as fh:
                 while block := fh.read(WRITE_CHUNK_BYTES):
                     h.update(block)
                     n += len(block)
@@ -441,7 +562,7 @@ class Storage:
         sess = self._get_session(client, uid)
         if sess.hasher is None:  # the file size is the offset; no need to re-hash to answer
             data_path, _ = self._partial_paths(client, uid)
-            sess.offset = data_path.stat().st_size
+            sess.offset = os.lstat(data_path).st_size
         return {**sess.to_json(), "offset": sess.offset}
 
     def _upload_limit(self, sess: _Session) -> int:
@@ -576,7 +697,7 @@ class Storage:
         self.check_free(content_length or 0)
         tmp_dir = self._client_dir("partial", client)
         tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        path = tmp_dir / f"oneshot-{secrets.token_hex(16)}.data"
+        path = tmp_dir / f"{ONESHOT_PREFIX}{secrets.token_hex(16)}.data"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         hasher = hashlib.sha256()
         writer = _ChunkWriter(self, fd, hasher, 0, self.max_upload_bytes)
@@ -637,7 +758,11 @@ class Storage:
         metadata: dict[str, Any],
     ) -> BackupRecord:
         dest = self._backup_dir(client, name)
-        existing = self._read_record(client, name)
+        try:
+            existing = self._read_record(client, name)
+        except BadEntry as exc:
+            self.warn_once(f"backups/{client}/{name}", str(exc))
+            raise Conflict(f"backup {name!r} already exists") from None
         if existing is not None:
             if existing.sha256 == sha256 and existing.size == size:
                 # A retried upload of the very same bytes: answer as if it were the first.
@@ -687,31 +812,54 @@ class Storage:
 
     # ---- reading ----
 
-    def _read_record(self, client: str, backup_id: str) -> BackupRecord | None:
-        meta = self._backup_dir(client, backup_id) / "meta.json"
+    def _confined(self, path: Path) -> Path:
+        """``path`` if it resolves inside the root (every component, symlinks followed), else
+        BadEntry: a symlinked client or backup directory leads out of data_dir."""
         try:
-            data = json.loads(meta.read_text())
+            return self._inside(path)
+        except NotFound:
+            raise BadEntry("resolves outside data_dir") from None
+
+    def _read_record(self, client: str, backup_id: str) -> BackupRecord | None:
+        """The record of a backup; None when there is none; BadEntry when what is there is not
+        one of ours (a symlink, outside the root, foreign or corrupt)."""
+        backup_dir = self._backup_path(client, backup_id)
+        if not os.path.lexists(backup_dir):
+            return None
+        if os.path.islink(backup_dir):
+            raise BadEntry("backup directory is a symlink")
+        meta = self._confined(backup_dir / "meta.json")
+        try:
+            data = read_small_json(meta)
         except FileNotFoundError:
             return None
-        return BackupRecord(
-            id=data["id"], client=data["client"], name=data["name"], kind=data["kind"],
-            size=int(data["size"]), sha256=data["sha256"], created=data["created"],
-            metadata=data.get("metadata") or {},
-        )
+        return record_from_json(data, client, backup_id)
 
     def get(self, client: str, backup_id: str) -> BackupRecord:
-        record = self._read_record(client, backup_id)
+        try:
+            record = self._read_record(client, backup_id)
+        except BadEntry as exc:
+            self.warn_once(f"backups/{client}/{backup_id}", str(exc))
+            record = None
         if record is None:
             raise NotFound(f"backup {backup_id!r} not found")
         return record
 
     def clients(self) -> list[str]:
-        return sorted(p.name for p in (self.root / "backups").iterdir()
-                      if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in _real_subdirs(self.root / "backups"))
 
     def list_backups(self, client: str) -> list[BackupRecord]:
-        base = self._client_dir("backups", client)
-        if not base.is_dir():
+        """The client's backups, oldest first. A bad entry is skipped (and logged once), never
+        a failure of the whole list."""
+        try:
+            validate_client_name(client)
+        except InvalidName as exc:
+            raise InvalidId(str(exc)) from None
+        base = self.root / "backups" / client
+        if not os.path.lexists(base):
+            return []
+        if os.path.islink(base) or not base.is_dir():
+            self.warn_once(f"backups/{client}", "client directory is not a real directory")
             return []
         records = []
         for entry in base.iterdir():
@@ -719,7 +867,11 @@ class Storage:
                 continue
             try:
                 record = self._read_record(client, entry.name)
-            except (InvalidId, ValueError, KeyError):
+            except InvalidId:
+                self.warn_once(f"backups/{client}/{entry.name[:100]!r}", "not a valid backup id")
+                continue
+            except BadEntry as exc:
+                self.warn_once(f"backups/{client}/{entry.name}", str(exc))
                 continue
             if record is not None:
                 records.append(record)
@@ -727,8 +879,16 @@ class Storage:
 
     def open_data(self, client: str, backup_id: str) -> tuple[BackupRecord, BinaryIO]:
         record = self.get(client, backup_id)
-        path = self._inside(self._backup_dir(client, backup_id) / "data")
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        where = f"backups/{client}/{backup_id}/data"
+        try:
+            path = self._confined(self._backup_path(client, backup_id) / "data")
+            fd = open_regular(path)
+        except FileNotFoundError:
+            self.warn_once(where, "record without data")
+            raise NotFound(f"backup {backup_id!r} not found") from None
+        except BadEntry as exc:
+            self.warn_once(where, str(exc))
+            raise NotFound(f"backup {backup_id!r} not found") from None
         return record, os.fdopen(fd, "rb")
 
     # ---- admin ----
@@ -763,7 +923,7 @@ class Storage:
         """Remove uploads idle for longer than partial_ttl_s; return how many."""
         now = time.time() if now is None else now
         removed = 0
-        for client_dir in (self.root / "partial").iterdir():
+        for client_dir in _real_subdirs(self.root / "partial"):
             for orphan in client_dir.glob("*.json"):  # a description whose data is gone
                 if not orphan.with_suffix(".data").exists():
                     with contextlib.suppress(FileNotFoundError):
@@ -784,3 +944,14 @@ class Storage:
                     self._sessions.pop((client_dir.name, uid), None)
                     removed += 1
         return removed
+
+
+def _real_subdirs(path: Path) -> list[Path]:
+    """Subdirectories of ``path`` that are directories themselves, not symlinks to one (nor
+    files, nor dot-entries): what the receiver created."""
+    found = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(path):
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                found.append(path / entry.name)
+    return found
