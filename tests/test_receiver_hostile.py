@@ -21,7 +21,6 @@ from loguru import logger
 
 from mt5backupd.config import ReceiverConfig, load_config
 from mt5backupd.errors import ConfigError
-from mt5backupd.pgcluster import free_port
 from mt5backupd.receiver.app import LogBudget, start_receiver
 from mt5backupd.receiver.auth import TokenStore, digest_token
 from mt5backupd.receiver.metrics import ReceiverMetrics
@@ -31,8 +30,9 @@ from mt5backupd.receiver.ranges import (
     parse_offset,
     parse_range,
 )
+from mt5backupd.testkit.receiverproc import ReceiverProcess
 from tests.conftest import Receiver
-from tests.receiver_harness import ReceiverProcess, TokenSet, make_tokens, receiver_config
+from tests.receiver_harness import TokenSet, make_tokens, receiver_config
 
 HEADER_TIMEOUT_S = 1.0
 BODY_IDLE_S = 0.5
@@ -136,7 +136,7 @@ async def tight(tmp_path: Path) -> AsyncIterator[Receiver]:
 @pytest.fixture
 def logged_process(tmp_path: Path) -> Iterator[tuple[ReceiverProcess, TokenSet]]:
     """``mt5backupd receiver`` as a process logging to stderr (receiver.log) and JSON files."""
-    proc = ReceiverProcess(tmp_path, free_port(), tmp_path / "data",
+    proc = ReceiverProcess(tmp_path,
                            extra_toml=f'[log]\ndir = "{tmp_path / "logs"}"\n')
     tokens = make_tokens(tmp_path / "tokens.json")
     try:
