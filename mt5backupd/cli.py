@@ -13,7 +13,7 @@ from pathlib import Path
 from loguru import logger
 
 from mt5backupd import __version__
-from mt5backupd.backup import BackupResult
+from mt5backupd.backup.run import BackupResult
 from mt5backupd.config import Config, file_mode_problems, load_config, resolve_config_path
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, EXIT_VERIFY, Mt5BackupError
 from mt5backupd.logs import setup_logging
@@ -117,8 +117,8 @@ def _load(args: argparse.Namespace, *, check_modes: bool = True) -> Config:
 
 
 def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
-    from mt5backupd import jobs
-    from mt5backupd.daemon import Daemon
+    from mt5backupd.daemon import jobs
+    from mt5backupd.daemon.service import Daemon
 
     setup_logging(config.log, "daemon", verbose=args.verbose)
     daemon = Daemon(config, _config_path(args),
@@ -137,7 +137,7 @@ def _print_result(result: BackupResult, as_json: bool) -> None:
 
 def _cmd_run_now(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log, "backup", verbose=args.verbose)
-    from mt5backupd.jobs import run_database, run_repository_now
+    from mt5backupd.daemon.jobs import run_database, run_repository_now
 
     if args.job == "repository":
         result = asyncio.run(run_repository_now(config))
@@ -149,7 +149,7 @@ def _cmd_run_now(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_list(args: argparse.Namespace, config: Config) -> int:
-    from mt5backupd import restore
+    from mt5backupd.ops import restore
 
     entries = (asyncio.run(restore.remote_entries(config)) if args.remote
                else restore.local_entries(config))
@@ -161,7 +161,7 @@ def _cmd_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
-    from mt5backupd import restore
+    from mt5backupd.ops import restore
 
     setup_logging(config.log, "restore", verbose=args.verbose)
     result = asyncio.run(restore.restore(
@@ -172,7 +172,7 @@ def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_check(args: argparse.Namespace, config: Config) -> int:
-    from mt5backupd.checks import refused_files_report, report, run_checks
+    from mt5backupd.ops.checks import refused_files_report, report, run_checks
 
     setup_logging(config.log, "check", verbose=args.verbose)
     # check reports every file the other commands would refuse (instead of stopping at the
@@ -188,7 +188,7 @@ def _cmd_check(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace, config: Config) -> int:
-    from mt5backupd.jobs import run_verify
+    from mt5backupd.daemon.jobs import run_verify
 
     setup_logging(config.log, "verify", verbose=args.verbose)
     outcome = asyncio.run(run_verify(config, args.backup))
@@ -197,7 +197,7 @@ def _cmd_verify(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_upload_pending(args: argparse.Namespace, config: Config) -> int:
-    from mt5backupd.jobs import upload_pending_now
+    from mt5backupd.daemon.jobs import upload_pending_now
 
     setup_logging(config.log, "backup", verbose=args.verbose)
     done, left = asyncio.run(upload_pending_now(config))

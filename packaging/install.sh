@@ -118,7 +118,7 @@ if [ "$ROLE" = daemon ]; then
                 import+=(--metrics-textfile "$legacy_prom")
                 from="$from; [metrics] textfile = $legacy_prom (it existed)"
             fi
-            "$VENV/bin/python" -m mt5backupd.legacy_import "${import[@]}"
+            "$VENV/bin/python" -m mt5backupd.config.legacy_import "${import[@]}"
             say "wrote ${config#"$ROOT"} from $from"
             if grep -q '^allow_http = true' "$config"; then
                 # legacy_import wrote it, with a comment on moving to TLS

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mt5backupd import spool
-from mt5backupd.backup import pending_command, run_backup
+from mt5backupd.backup import spool
+from mt5backupd.backup.run import pending_command, run_backup
 from mt5backupd.config import Config, parse_compression
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, ConfigError
 from mt5backupd.testkit.dbcontent import table_checksums, table_row_counts
@@ -311,7 +311,7 @@ def test_lock_held_refuses_second_run(backup_setup: BackupSetup, tmp_path: Path)
     backup_setup.cfg.local.dir.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys,time; from pathlib import Path; from mt5backupd.lock import RunLock;"
+         "import sys,time; from pathlib import Path; from mt5backupd.backup.runlock import RunLock;"
          f"l=RunLock(Path({str(backup_setup.cfg.local.dir)!r})); l.acquire();"
          "print('held', flush=True); time.sleep(30)"],
         stdout=subprocess.PIPE, text=True)
@@ -379,8 +379,8 @@ async def test_cli_run_now_json_and_legacy_env_file(backup_setup: BackupSetup,
 async def test_upload_pending_resumes_recorded_session(backup_setup: BackupSetup) -> None:
     """A pending backup whose session already holds part of the file is continued from the
     receiver's offset, not sent again from zero."""
+    from mt5backupd.backup.upload import ReceiverClient
     from mt5backupd.config import Secret
-    from mt5backupd.upload import ReceiverClient
 
     result = await run_backup(backup_setup.with_(remote={"url": f"http://127.0.0.1:{free_port()}"}))
     assert result.upload_state == "pending"

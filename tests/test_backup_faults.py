@@ -12,8 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mt5backupd import spool
-from mt5backupd.backup import run_backup
+from mt5backupd.backup import spool
+from mt5backupd.backup.run import run_backup
 from mt5backupd.config import Config, LocalConfig, RemoteConfig, parse_compression
 from mt5backupd.testkit.pgcluster import PgCluster
 from mt5backupd.testkit.receiverproc import ReceiverProcess

@@ -8,6 +8,13 @@ from pathlib import Path
 import pytest
 
 from mt5backupd.backoff import backoff_delays, is_retryable_status
+from mt5backupd.backup.dump import (
+    check_dump_compatible,
+    parse_tool_version,
+    pg_dump_argv,
+    server_major,
+)
+from mt5backupd.backup.spool import backup_id
 from mt5backupd.config import (
     Compression,
     load_config,
@@ -15,10 +22,8 @@ from mt5backupd.config import (
     parse_compression,
     read_env_file,
 )
-from mt5backupd.dump import check_dump_compatible, parse_tool_version, pg_dump_argv, server_major
 from mt5backupd.errors import ConfigError
 from mt5backupd.retention import LocalItem, select_rotation
-from mt5backupd.spool import backup_id
 
 T0 = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 
@@ -203,7 +208,7 @@ def test_secrets_from_systemd_credentials_and_legacy(tmp_path: Path) -> None:
     import os
 
     from mt5backupd.config import DatabaseConfig, RemoteConfig, Secret
-    from mt5backupd.secretfiles import database_password, remote_token
+    from mt5backupd.config.secretfiles import database_password, remote_token
 
     creds = tmp_path / "creds"
     creds.mkdir()
@@ -243,7 +248,7 @@ def test_system_timezone_keeps_dst_rules(tmp_path: Path) -> None:
     not as today's fixed offset."""
     from zoneinfo import ZoneInfo
 
-    from mt5backupd.schedule import make_trigger, system_timezone
+    from mt5backupd.daemon.schedule import make_trigger, system_timezone
 
     assert system_timezone({"TZ": "Europe/Athens"}) == ZoneInfo("Europe/Athens")
     link = tmp_path / "localtime"

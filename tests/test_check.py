@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mt5backupd.checks import Check, run_checks
+from mt5backupd.ops.checks import Check, run_checks
 from mt5backupd.testkit.pghost import free_port
 from tests.backup_fixtures import BackupSetup, write_token
 from tests.daemon_harness import DaemonProcess, daemon_toml

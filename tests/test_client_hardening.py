@@ -18,11 +18,11 @@ import aiohttp
 import pytest
 from prometheus_client import generate_latest
 
-from mt5backupd import spool, upload_journal
+from mt5backupd.backup import spool, upload_journal
 from mt5backupd.config import Config, LocalConfig, load_config
-from mt5backupd.daemon import Daemon
+from mt5backupd.daemon.metrics import LiveState, make_registry
+from mt5backupd.daemon.service import Daemon
 from mt5backupd.errors import ConfigError
-from mt5backupd.metrics import LiveState, make_registry
 from mt5backupd.receiver.app import start_receiver
 from mt5backupd.receiver.auth import TokenStore
 from mt5backupd.receiver.metrics import ReceiverMetrics
@@ -220,7 +220,7 @@ async def test_legacy_http_url_warns_and_upload_pending_down_exits_3(tmp_path: P
 def test_legacy_import_writes_allow_http_with_reason(tmp_path: Path) -> None:
     """The legacy import keeps an http:// receiver on another host working: allow_http = true,
     preceded by a comment on why and how to move to TLS; the result loads."""
-    from mt5backupd.legacy_import import import_legacy
+    from mt5backupd.config.legacy_import import import_legacy
 
     legacy = tmp_path / "mt5-backup"
     legacy.write_text("BACKUP_API_URL=http://backup.lan:9101/api/backup/upload\n"

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from mt5backupd import spool
-from mt5backupd.backup import run_backup
-from mt5backupd.health import HealthInput, evaluate
-from mt5backupd.schedule import crontab_weekdays, make_trigger, missed_fire, next_fire
+from mt5backupd.backup import spool
+from mt5backupd.backup.run import run_backup
+from mt5backupd.daemon.health import HealthInput, evaluate
+from mt5backupd.daemon.schedule import crontab_weekdays, make_trigger, missed_fire, next_fire
 from mt5backupd.sdnotify import Notifier
 from tests.backup_fixtures import BackupSetup
 from tests.daemon_harness import DaemonProcess, daemon_toml

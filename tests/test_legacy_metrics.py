@@ -23,10 +23,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mt5backupd import spool, state
+from mt5backupd.backup import spool
 from mt5backupd.config import load_config
+from mt5backupd.daemon import state
+from mt5backupd.daemon.metrics import LegacyValues, legacy_values
 from mt5backupd.errors import ConfigError
-from mt5backupd.metrics import LegacyValues, legacy_values
 from mt5backupd.testkit.pghost import free_port
 from tests.backup_fixtures import BackupSetup
 from tests.daemon_harness import DaemonProcess, daemon_toml
@@ -87,7 +88,7 @@ def legacy_of(samples: Samples) -> dict[str, Any]:
 
 def expected_legacy(local_dir: Path) -> dict[str, Any]:
     """The legacy values as the old exporter defined them, read straight from the run records
-    and the files on disk (not through mt5backupd.metrics)."""
+    and the files on disk (not through mt5backupd.daemon.metrics)."""
     raw = json.loads((local_dir / state.STATE_FILE).read_text())["jobs"]["database"]["last_run"]
 
     def newest_file_size(kind: str) -> float:

@@ -15,12 +15,12 @@ import pytest
 import zstandard
 from aiohttp import web
 
-from mt5backupd import state
-from mt5backupd.archive import check_tar, is_excluded
+from mt5backupd.backup.archive import check_tar, is_excluded
 from mt5backupd.config import NotifyConfig, RepositoryConfig
-from mt5backupd.daemon import Daemon
+from mt5backupd.daemon import state
+from mt5backupd.daemon.jobs import DAEMON_JOBS, run_repository_now
+from mt5backupd.daemon.service import Daemon
 from mt5backupd.errors import VerifyError
-from mt5backupd.jobs import DAEMON_JOBS, run_repository_now
 from tests.backup_fixtures import BackupSetup
 
 
@@ -93,7 +93,7 @@ async def test_repository_archive_round_trip(backup_setup: BackupSetup, tmp_path
     # the repository's own rotation count
     for _ in range(2):
         assert (await run_repository_now(cfg)).ok
-    from mt5backupd.spool import load_manifests
+    from mt5backupd.backup.spool import load_manifests
 
     assert len(load_manifests(cfg.local.dir, "repository")) == 2
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mt5backupd.backup import run_backup
+from mt5backupd.backup.run import run_backup
 from mt5backupd.config import parse_compression
 from mt5backupd.errors import EXIT_USAGE, EXIT_VERIFY, VerifyError
-from mt5backupd.restore import RestoreRefused, local_entries, remote_entries, restore
+from mt5backupd.ops.restore import RestoreRefused, local_entries, remote_entries, restore
 from mt5backupd.testkit.dbcontent import table_checksums, table_row_counts
 from tests.backup_fixtures import BackupSetup
 from tests.test_backup import config_toml

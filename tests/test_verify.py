@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from mt5backupd import spool, state
-from mt5backupd.backup import run_backup
-from mt5backupd.jobs import run_verify
-from mt5backupd.rowcounts import compare
+from mt5backupd.backup import spool
+from mt5backupd.backup.rowcounts import compare
+from mt5backupd.backup.run import run_backup
+from mt5backupd.daemon import state
+from mt5backupd.daemon.jobs import run_verify
+from mt5backupd.ops.verify import SCRATCH_PREFIX
 from mt5backupd.testkit.dbcontent import table_row_counts
-from mt5backupd.verify import SCRATCH_PREFIX
 from tests.backup_fixtures import BackupSetup
 from tests.test_backup import config_toml
 

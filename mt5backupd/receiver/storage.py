@@ -47,6 +47,7 @@ from mt5backupd.names import (
     validate_kind,
     validate_upload_id,
 )
+from mt5backupd.records import BackupRecord
 from mt5backupd.retention import Item, Policy, select_remove
 
 WRITE_CHUNK_BYTES = 1024 * 1024
@@ -130,46 +131,6 @@ class SizeMismatch(StorageError):
         super().__init__(f"size mismatch: client said {expected} bytes, received {actual}")
         self.expected = expected
         self.actual = actual
-
-
-@dataclass(frozen=True)
-class BackupRecord:
-    id: str
-    client: str
-    name: str
-    kind: str
-    size: int
-    sha256: str
-    created: str  # ISO 8601 UTC
-    metadata: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "client": self.client,
-            "name": self.name,
-            "kind": self.kind,
-            "size": self.size,
-            "sha256": self.sha256,
-            "created": self.created,
-            "metadata": self.metadata,
-        }
-
-    @property
-    def created_dt(self) -> datetime:
-        return datetime.fromisoformat(self.created)
-
-    @property
-    def taken_dt(self) -> datetime:
-        """When the backup was taken (the client's ``metadata.started``), else committed:
-        backups uploaded late, after an outage, still belong to their own day."""
-        started = self.metadata.get("started")
-        if isinstance(started, str):
-            with contextlib.suppress(ValueError):
-                taken = datetime.fromisoformat(started)
-                if taken.tzinfo is not None:
-                    return taken
-        return self.created_dt
 
 
 @dataclass

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mt5backupd.backup import run_backup
+from mt5backupd.backup.run import run_backup
 from mt5backupd.config import (
     Config,
     DatabaseConfig,
@@ -24,9 +24,9 @@ from mt5backupd.config import (
 )
 from mt5backupd.errors import EXIT_FAILURE, EXIT_OK, VerifyError
 from mt5backupd.fsutil import atomic_write_bytes
+from mt5backupd.ops.restore import restore
 from mt5backupd.receiver.app import start_receiver
 from mt5backupd.receiver.auth import TokenStore, add_token
-from mt5backupd.restore import restore
 from mt5backupd.testkit.dbcontent import table_row_counts
 from mt5backupd.testkit.pgcluster import PgCluster
 from mt5backupd.testkit.sampledata import generate

@@ -23,16 +23,18 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mt5backupd import __version__, spool, state
+from mt5backupd import __version__
+from mt5backupd.backup import spool
 from mt5backupd.config import Config, load_config
+from mt5backupd.config.secretfiles import check_pgpass, database_password, remote_token
+from mt5backupd.daemon import state
+from mt5backupd.daemon.health import HealthInput, evaluate
+from mt5backupd.daemon.jobs import JobOutcome
+from mt5backupd.daemon.metrics import LiveState, make_registry
+from mt5backupd.daemon.schedule import make_trigger, missed_fire, resolve_timezone
+from mt5backupd.daemon.webhooks import Notifier as EventNotifier
 from mt5backupd.errors import ConfigError, LockHeldError, Mt5BackupError
-from mt5backupd.health import HealthInput, evaluate
-from mt5backupd.jobs import JobOutcome
-from mt5backupd.metrics import LiveState, make_registry
-from mt5backupd.notify import Notifier as EventNotifier
-from mt5backupd.schedule import make_trigger, missed_fire, resolve_timezone
 from mt5backupd.sdnotify import Notifier as SystemdNotifier
-from mt5backupd.secretfiles import check_pgpass, database_password, remote_token
 
 JobFn = Callable[[Config], Awaitable[JobOutcome]]
 

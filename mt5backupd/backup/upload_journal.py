@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mt5backupd.backup.spool import Manifest
 from mt5backupd.fsutil import atomic_write_json
-from mt5backupd.spool import Manifest
 
 JOURNAL_FILE = ".mt5backupd-uploads.json"
 

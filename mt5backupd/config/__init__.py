@@ -467,7 +467,7 @@ def _load_remote(sec: _Section) -> RemoteConfig:
 
 
 def _validate_cron(sec: _Section, key: str, expr: str, tz: str) -> None:
-    from mt5backupd.schedule import make_trigger
+    from mt5backupd.daemon.schedule import make_trigger
 
     try:
         make_trigger(expr, tz)
@@ -486,7 +486,7 @@ def _load_schedule(sec: _Section) -> ScheduleConfig:
         misfire_grace_s=sec.float_min("misfire_grace_s", d.misfire_grace_s, 1.0),
     )
     if cfg.timezone:
-        from mt5backupd.schedule import resolve_timezone
+        from mt5backupd.daemon.schedule import resolve_timezone
 
         try:
             resolve_timezone(cfg.timezone)

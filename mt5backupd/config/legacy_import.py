@@ -6,7 +6,7 @@ printed. ``--metrics-textfile PATH`` (given by install.sh when the legacy export
 ``/var/backups/mt5/backup_metrics.prom`` exists) sets ``[metrics] textfile``, so node_exporter
 and the dashboards built on that file keep getting it.
 
-    python -m mt5backupd.legacy_import --example config.example.toml \\
+    python -m mt5backupd.config.legacy_import --example config.example.toml \\
         --env-file /etc/default/mt5-backup --config-out /etc/mt5backupd/config.toml \\
         --credentials /etc/mt5backupd/credentials \\
         [--metrics-textfile /var/backups/mt5/backup_metrics.prom]

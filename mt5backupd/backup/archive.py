@@ -18,7 +18,7 @@ from typing import IO, cast
 import zstandard
 from loguru import logger
 
-from mt5backupd.compress import READ_BYTES, Writable
+from mt5backupd.backup.compress import READ_BYTES, Writable
 from mt5backupd.errors import VerifyError
 
 

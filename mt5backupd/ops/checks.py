@@ -13,13 +13,13 @@ from typing import Any
 
 import aiohttp
 
-from mt5backupd import spool
-from mt5backupd.backup import connect_db, db_preflight, receiver_client
+from mt5backupd.backup import spool
+from mt5backupd.backup.dump import check_dump_compatible, tool_version
+from mt5backupd.backup.run import connect_db, db_preflight, receiver_client
 from mt5backupd.config import Config, FileProblem
-from mt5backupd.dump import check_dump_compatible, tool_version
+from mt5backupd.config.secretfiles import check_pgpass, database_password, remote_token
 from mt5backupd.errors import EXIT_CONFIG, EXIT_OK, EXIT_VERIFY, Mt5BackupError
 from mt5backupd.fsutil import free_bytes
-from mt5backupd.secretfiles import check_pgpass, database_password, remote_token
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ async def _remote_checks(cfg: Config) -> list[Check]:
     async def health_probe() -> str:
         client = receiver_client(cfg) if token_check.ok else None
         if client is None:
-            from mt5backupd.upload import ReceiverClient
+            from mt5backupd.backup.upload import ReceiverClient
 
             client = ReceiverClient(url, None, timeout_s=cfg.remote.timeout_s,
                                     ca_file=cfg.remote.ca_file)

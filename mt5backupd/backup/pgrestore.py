@@ -8,8 +8,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mt5backupd.compress import decompress_file_to_fd, is_zstd_file
-from mt5backupd.dump import child_env
+from mt5backupd.backup.compress import decompress_file_to_fd, is_zstd_file
+from mt5backupd.backup.dump import child_env
 from mt5backupd.errors import ConfigError, VerifyError
 
 

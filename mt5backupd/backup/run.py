@@ -21,9 +21,8 @@ from typing import Any
 import asyncpg
 from loguru import logger
 
-from mt5backupd import archive, compress, spool, state, upload_journal
-from mt5backupd.config import Config, DatabaseConfig, Secret, is_plain_http_remote
-from mt5backupd.dump import (
+from mt5backupd.backup import archive, compress, spool, upload_journal
+from mt5backupd.backup.dump import (
     check_dump_compatible,
     pg_child_env,
     pg_dump_argv,
@@ -31,21 +30,10 @@ from mt5backupd.dump import (
     server_major,
     tool_version,
 )
-from mt5backupd.errors import (
-    EXIT_CONFIG,
-    EXIT_FAILURE,
-    EXIT_OK,
-    EXIT_PENDING,
-    ConfigError,
-    Mt5BackupError,
-    UploadPendingError,
-)
-from mt5backupd.lock import RunLock
-from mt5backupd.pgrestore import list_archive
-from mt5backupd.retention import LocalItem, select_rotation
-from mt5backupd.rowcounts import count_rows
-from mt5backupd.secretfiles import check_pgpass, database_password, remote_token
-from mt5backupd.upload import (
+from mt5backupd.backup.pgrestore import list_archive
+from mt5backupd.backup.rowcounts import count_rows
+from mt5backupd.backup.runlock import RunLock
+from mt5backupd.backup.upload import (
     GrowingSource,
     ReceiverAuthError,
     ReceiverClient,
@@ -56,6 +44,19 @@ from mt5backupd.upload import (
     commit_with_retries,
     send_following,
 )
+from mt5backupd.config import Config, DatabaseConfig, Secret, is_plain_http_remote
+from mt5backupd.config.secretfiles import check_pgpass, database_password, remote_token
+from mt5backupd.daemon import state
+from mt5backupd.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_PENDING,
+    ConfigError,
+    Mt5BackupError,
+    UploadPendingError,
+)
+from mt5backupd.retention import LocalItem, select_rotation
 
 KIND = "database"
 ANOMALY_RATIO = 0.5

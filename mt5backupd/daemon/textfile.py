@@ -19,8 +19,8 @@ from loguru import logger
 from prometheus_client import generate_latest
 
 from mt5backupd.config import Config
+from mt5backupd.daemon.metrics import textfile_registry
 from mt5backupd.fsutil import fsync_dir
-from mt5backupd.metrics import textfile_registry
 
 # node_exporter runs as its own user: the file must be readable by others. Set with fchmod,
 # because the daemon's umask (0077 in its unit) would strip the bits from os.open's mode.

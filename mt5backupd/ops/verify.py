@@ -14,16 +14,16 @@ from typing import Any
 import asyncpg
 from loguru import logger
 
-from mt5backupd import spool
-from mt5backupd.backup import connect_db
+from mt5backupd.backup import spool
+from mt5backupd.backup.dump import pg_child_env
+from mt5backupd.backup.pgrestore import list_archive, run_pg_restore
+from mt5backupd.backup.rowcounts import compare, table_key
+from mt5backupd.backup.run import connect_db
+from mt5backupd.backup.runlock import RunLock
 from mt5backupd.config import Config
-from mt5backupd.dump import pg_child_env
+from mt5backupd.config.secretfiles import database_password
 from mt5backupd.errors import Mt5BackupError
-from mt5backupd.lock import RunLock
-from mt5backupd.pgrestore import list_archive, run_pg_restore
-from mt5backupd.restore import local_entries, pick, sha256_file
-from mt5backupd.rowcounts import compare, table_key
-from mt5backupd.secretfiles import database_password
+from mt5backupd.ops.restore import local_entries, pick, sha256_file
 
 SCRATCH_PREFIX = "mt5backupd_verify_"
 

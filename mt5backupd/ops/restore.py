@@ -14,15 +14,15 @@ from typing import Any
 
 from loguru import logger
 
-from mt5backupd import spool
-from mt5backupd.backup import connect_db, receiver_client
-from mt5backupd.compress import decompress_file_to_fd, is_zstd_file
+from mt5backupd.backup import spool
+from mt5backupd.backup.compress import decompress_file_to_fd, is_zstd_file
+from mt5backupd.backup.dump import pg_child_env
+from mt5backupd.backup.pgrestore import run_pg_restore
+from mt5backupd.backup.run import connect_db, receiver_client
 from mt5backupd.config import Config, DatabaseConfig, Secret
-from mt5backupd.dump import pg_child_env
+from mt5backupd.config.secretfiles import database_password
 from mt5backupd.errors import EXIT_USAGE, ConfigError, Mt5BackupError, VerifyError
 from mt5backupd.names import InvalidName, validate_backup_id
-from mt5backupd.pgrestore import run_pg_restore
-from mt5backupd.secretfiles import database_password
 
 RESTORE_DIR = ".restore"
 KIND = "database"

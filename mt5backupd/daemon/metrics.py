@@ -18,7 +18,9 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mt5backupd import __version__, spool, state
+from mt5backupd import __version__
+from mt5backupd.backup import spool
+from mt5backupd.daemon import state
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from mt5backupd import state, textfile
-from mt5backupd.backup import BackupResult, pending_command, run_backup, run_repository
+from mt5backupd.backup.run import BackupResult, pending_command, run_backup, run_repository
 from mt5backupd.config import Config
+from mt5backupd.daemon import state, textfile
 from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError
-from mt5backupd.verify import VerifyOutcome, verify
+from mt5backupd.ops.verify import VerifyOutcome, verify
 
 
 async def export_textfile(cfg: Config) -> None:

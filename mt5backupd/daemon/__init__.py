@@ -1,0 +1,1 @@
+"""The long-running client: lifecycle, jobs, schedule, run records, health, metrics, webhooks."""

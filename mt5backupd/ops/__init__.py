@@ -1,0 +1,2 @@
+"""Operator commands built on backup/ parts (never its orchestrator): restore, list, verify,
+check."""
