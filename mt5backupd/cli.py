@@ -219,7 +219,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_receiver(args: argparse.Namespace, config: Config) -> int:
     from mt5backupd.receiver import auth
-    from mt5backupd.receiver.app import serve
+    from mt5backupd.receiver.server import serve
 
     tokens_file = config.receiver.tokens_file
     if args.receiver_command == "token":

@@ -8,9 +8,9 @@ import aiohttp
 import pytest
 
 from mt5backupd.config import ReceiverConfig
-from mt5backupd.receiver.app import RunningReceiver, start_receiver
 from mt5backupd.receiver.auth import TokenStore
 from mt5backupd.receiver.metrics import ReceiverMetrics
+from mt5backupd.receiver.server import RunningReceiver, start_receiver
 from mt5backupd.testkit.receiverproc import ReceiverProcess
 from tests.receiver_harness import TokenSet, make_tokens, receiver_config
 

@@ -23,9 +23,9 @@ from mt5backupd.config import Config, LocalConfig, load_config
 from mt5backupd.daemon.metrics import LiveState, make_registry
 from mt5backupd.daemon.service import Daemon
 from mt5backupd.errors import ConfigError
-from mt5backupd.receiver.app import start_receiver
 from mt5backupd.receiver.auth import TokenStore
 from mt5backupd.receiver.metrics import ReceiverMetrics
+from mt5backupd.receiver.server import start_receiver
 from tests.backup_fixtures import BackupSetup, write_token
 from tests.receiver_harness import make_tokens, receiver_config
 from tests.test_backup import config_toml

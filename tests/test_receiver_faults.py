@@ -15,8 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mt5backupd.receiver.app import STORAGE_KEY, start_receiver
 from mt5backupd.receiver.auth import TokenStore
+from mt5backupd.receiver.context import STORAGE_KEY
+from mt5backupd.receiver.server import start_receiver
 from mt5backupd.testkit.receiverproc import ReceiverProcess
 from tests.conftest import Receiver
 from tests.receiver_harness import TokenSet, make_tokens, receiver_config

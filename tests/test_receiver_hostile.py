@@ -21,15 +21,16 @@ from loguru import logger
 
 from mt5backupd.config import ReceiverConfig, load_config
 from mt5backupd.errors import ConfigError
-from mt5backupd.receiver.app import LogBudget, start_receiver
 from mt5backupd.receiver.auth import TokenStore, digest_token
 from mt5backupd.receiver.metrics import ReceiverMetrics
+from mt5backupd.receiver.noise import LogBudget
 from mt5backupd.receiver.ranges import (
     RangeMalformed,
     RangeNotSatisfiable,
     parse_offset,
     parse_range,
 )
+from mt5backupd.receiver.server import start_receiver
 from mt5backupd.testkit.receiverproc import ReceiverProcess
 from tests.conftest import Receiver
 from tests.receiver_harness import TokenSet, make_tokens, receiver_config

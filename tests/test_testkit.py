@@ -52,11 +52,11 @@ def test_daemon_cli_and_receiver_do_not_load_the_testkit() -> None:
     """Importing the CLI, the daemon and the receiver app loads no mt5backupd.testkit module."""
     out = _python(
         "import json, sys\n"
-        "import mt5backupd.cli, mt5backupd.daemon.service, mt5backupd.receiver.app\n"
+        "import mt5backupd.cli, mt5backupd.daemon.service, mt5backupd.receiver.server\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('mt5backupd'))))\n"
     )
     loaded = json.loads(out)
-    assert "mt5backupd.receiver.app" in loaded
+    assert "mt5backupd.receiver.server" in loaded
     assert [m for m in loaded if m.startswith("mt5backupd.testkit")] == []
 
 

@@ -35,6 +35,7 @@ from mt5backupd.daemon.schedule import make_trigger, missed_fire, resolve_timezo
 from mt5backupd.daemon.webhooks import Notifier as EventNotifier
 from mt5backupd.errors import ConfigError, LockHeldError, Mt5BackupError
 from mt5backupd.sdnotify import Notifier as SystemdNotifier
+from mt5backupd.webapp import start_site
 
 JobFn = Callable[[Config], Awaitable[JobOutcome]]
 
@@ -86,18 +87,9 @@ class Daemon:
         app.router.add_get("/status", self._status)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.cfg.http.listen_host, self.cfg.http.listen_port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self.runner.cleanup()
-            raise ConfigError(f"[http] listen {self.cfg.http.listen_host}:"
-                              f"{self.cfg.http.listen_port}: {exc.strerror}") from None
-        port = self.cfg.http.listen_port
-        for sock in getattr(site._server, "sockets", None) or []:
-            port = sock.getsockname()[1]
-            break
-        self.url = f"http://{self.cfg.http.listen_host}:{port}"
+        bound = await start_site(self.runner, self.cfg.http.listen_host,
+                                 self.cfg.http.listen_port, config_section="http")
+        self.url = bound.url
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = await asyncio.to_thread(generate_latest, self.registry)

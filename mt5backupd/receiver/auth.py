@@ -27,6 +27,13 @@ LEGACY_TOKEN_NAME = "default"
 _EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 
 
+class Forbidden(Exception):
+    """The token is valid but may not do this: another client's backups, an admin action.
+    An authorization refusal (403), not a storage one."""
+
+    reason = "forbidden"
+
+
 @dataclass(frozen=True)
 class Principal:
     name: str  # also the client's storage namespace

@@ -25,8 +25,8 @@ from mt5backupd.config import (
 from mt5backupd.errors import EXIT_FAILURE, EXIT_OK, VerifyError
 from mt5backupd.fsutil import atomic_write_bytes
 from mt5backupd.ops.restore import restore
-from mt5backupd.receiver.app import start_receiver
 from mt5backupd.receiver.auth import TokenStore, add_token
+from mt5backupd.receiver.server import start_receiver
 from mt5backupd.testkit.dbcontent import table_row_counts
 from mt5backupd.testkit.pgcluster import PgCluster
 from mt5backupd.testkit.sampledata import generate

@@ -1,0 +1,28 @@
+"""After a backup is committed (resumable or one-shot): count it, log it, and apply the
+retention policy when [receiver] retention is automatic."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from loguru import logger
+
+from mt5backupd.receiver.context import CONFIG_KEY, METRICS_KEY, STORAGE_KEY, principal
+from mt5backupd.records import BackupRecord
+from mt5backupd.retention import Policy
+
+
+async def after_commit(request: web.Request, record: BackupRecord) -> None:
+    request.app[METRICS_KEY].commits.labels(kind=record.kind).inc()
+    client = principal(request).name
+    log = logger.bind(client=client)
+    log.info("committed {} ({} bytes, {})", record.id, record.size, record.kind)
+    retention = request.app[CONFIG_KEY].retention
+    if retention.auto:
+        policy = Policy(retention.keep_last, retention.keep_daily, retention.keep_weekly,
+                        retention.keep_monthly)
+        # Listing and rmtree of whole backups: a worker thread, so other requests go on.
+        removed = await asyncio.to_thread(request.app[STORAGE_KEY].prune, client, policy)
+        for gone in removed:
+            log.info("retention removed {}", gone.id)

@@ -1,0 +1,45 @@
+"""Removing committed backups: one by an admin, or many by a retention policy. Blocking
+filesystem work (rename, rmtree): the HTTP layer calls it from a worker thread."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+
+from mt5backupd.fsutil import fsync_dir
+from mt5backupd.receiver.storage.reading import Records
+from mt5backupd.records import BackupRecord
+from mt5backupd.retention import Item, Policy, select_remove
+
+
+class Pruner:
+    def __init__(self, records: Records) -> None:
+        self.records = records
+        self.layout = records.layout
+
+    def delete(self, client: str, backup_id: str) -> BackupRecord:
+        record = self.records.get(client, backup_id)
+        dest = self.layout.backup_dir(client, backup_id)
+        trash = self.layout.root / "trash" / secrets.token_hex(16)
+        os.rename(dest, trash)  # disappears atomically, then is removed at leisure
+        fsync_dir(dest.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+        return record
+
+    def prune(self, client: str, policy: Policy, *, dry_run: bool = False) -> list[BackupRecord]:
+        """Apply ``policy`` to each kind of ``client``'s backups; return what was (or would be)
+        removed. The newest backup of each kind always stays."""
+        policy.validate()
+        by_kind: dict[str, list[BackupRecord]] = {}
+        for record in self.records.list_backups(client):
+            by_kind.setdefault(record.kind, []).append(record)
+        removed: list[BackupRecord] = []
+        for records in by_kind.values():
+            by_id = {r.id: r for r in records}
+            doomed = select_remove([Item(r.id, r.taken_dt) for r in records], policy)
+            for backup_id in doomed:
+                if not dry_run:
+                    self.delete(client, backup_id)
+                removed.append(by_id[backup_id])
+        return removed
