@@ -31,7 +31,12 @@ from mt5backupd.daemon import state
 from mt5backupd.daemon.health import HealthInput, evaluate
 from mt5backupd.daemon.jobs import JobOutcome
 from mt5backupd.daemon.metrics import LiveState, make_registry
-from mt5backupd.daemon.schedule import make_trigger, missed_fire, resolve_timezone
+from mt5backupd.daemon.schedule import (
+    SCHEDULE_CHECKS,
+    make_trigger,
+    missed_fire,
+    resolve_timezone,
+)
 from mt5backupd.daemon.webhooks import Notifier as EventNotifier
 from mt5backupd.errors import ConfigError, LockHeldError, Mt5BackupError
 from mt5backupd.sdnotify import Notifier as SystemdNotifier
@@ -294,7 +299,8 @@ class Daemon:
 
     def reload(self) -> None:
         try:
-            new = load_config(self.config_path, env_file=self.env_file)
+            new = load_config(self.config_path, env_file=self.env_file,
+                              schedule_checks=SCHEDULE_CHECKS)
             for expr in (new.schedule.database, new.schedule.repository, new.schedule.verify,
                          new.schedule.upload_pending):
                 if expr:
