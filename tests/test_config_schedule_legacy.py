@@ -138,3 +138,15 @@ def test_bad_legacy_value_refused_alike(tmp_path: Path, line: str, fragment: str
         with pytest.raises(ConfigError) as err:
             attempt()
         assert str(err.value).startswith(f"{legacy}: {fragment}")
+
+
+def test_config_imports_no_scheduler() -> None:
+    """Importing every config module loads neither the daemon nor APScheduler."""
+    code = ("import sys, pkgutil, importlib, mt5backupd.config as c\n"
+            "for m in pkgutil.iter_modules(c.__path__):\n"
+            "    importlib.import_module('mt5backupd.config.' + m.name)\n"
+            "print(sorted(m for m in sys.modules\n"
+            "             if m.startswith(('apscheduler', 'mt5backupd.daemon'))))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert run.stdout.strip() == "[]"
