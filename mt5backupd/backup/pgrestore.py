@@ -69,6 +69,13 @@ async def run_pg_restore(
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
+def failure_reason(returncode: int, stderr: str) -> str:
+    """Why pg_restore failed, in one line: its last stderr line (where it says why), else the
+    exit status."""
+    text = stderr.strip()
+    return text.splitlines()[-1] if text else f"exit status {returncode}"
+
+
 async def list_archive(pg_restore: str, archive: Path) -> list[str]:
     """The archive's table of contents; VerifyError when pg_restore cannot read it.
 
@@ -78,8 +85,8 @@ async def list_archive(pg_restore: str, archive: Path) -> list[str]:
     job of a test restore."""
     rc, out, err = await run_pg_restore(pg_restore, archive, ["--list"])
     if rc != 0:
-        last = err.strip().splitlines()[-1] if err.strip() else f"exit status {rc}"
-        raise VerifyError(f"pg_restore --list cannot read {archive.name}: {last}")
+        raise VerifyError(f"pg_restore --list cannot read {archive.name}: "
+                          f"{failure_reason(rc, err)}")
     entries = [line for line in out.splitlines() if line and not line.startswith(";")]
     if not entries:
         raise VerifyError(f"pg_restore --list found no entries in {archive.name}")

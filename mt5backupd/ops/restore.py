@@ -17,12 +17,13 @@ from loguru import logger
 from mt5backupd.backup import spool
 from mt5backupd.backup.compress import decompress_file_to_fd, is_zstd_file
 from mt5backupd.backup.dump import pg_child_env
-from mt5backupd.backup.pgrestore import run_pg_restore
+from mt5backupd.backup.pgrestore import failure_reason, run_pg_restore
 from mt5backupd.backup.run import connect_db, receiver_client
 from mt5backupd.config import Config, DatabaseConfig, Secret
 from mt5backupd.config.secretfiles import database_password
 from mt5backupd.errors import EXIT_USAGE, ConfigError, Mt5BackupError, VerifyError
 from mt5backupd.names import InvalidName, validate_backup_id
+from mt5backupd.pgtext import quote_ident
 
 RESTORE_DIR = ".restore"
 KIND = "database"
@@ -153,8 +154,7 @@ async def _maintenance_connection(db: DatabaseConfig, password: Secret | None) -
 async def _create_database(db: DatabaseConfig, password: Secret | None, target: str) -> None:
     conn = await _maintenance_connection(db, password)
     try:
-        quoted = '"' + target.replace('"', '""') + '"'
-        await conn.execute(f"CREATE DATABASE {quoted}")
+        await conn.execute(f"CREATE DATABASE {quote_ident(target)}")
     finally:
         await conn.close()
 
@@ -224,8 +224,7 @@ async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local
             plain.unlink(missing_ok=True)
     restore_s = time.monotonic() - t1
     if rc != 0:
-        last = err.strip().splitlines()[-1] if err.strip() else f"exit status {rc}"
-        raise Mt5BackupError(f"pg_restore into {target_db} failed: {last}")
+        raise Mt5BackupError(f"pg_restore into {target_db} failed: {failure_reason(rc, err)}")
     if source == "remote":
         with contextlib.suppress(OSError):
             path.unlink()
