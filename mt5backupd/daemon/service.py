@@ -37,9 +37,9 @@ from mt5backupd.daemon.schedule import (
     missed_fire,
     resolve_timezone,
 )
-from mt5backupd.daemon.webhooks import Notifier as EventNotifier
+from mt5backupd.daemon.webhooks import WebhookNotifier
 from mt5backupd.errors import ConfigError, LockHeldError, Mt5BackupError
-from mt5backupd.sdnotify import Notifier as SystemdNotifier
+from mt5backupd.sdnotify import SystemdNotifier
 
 JobFn = Callable[[Config], Awaitable[JobOutcome]]
 
@@ -253,7 +253,7 @@ class Daemon:
 
     async def _run_job(self, job: str) -> None:
         run_id = secrets.token_hex(4)
-        events = EventNotifier(self.cfg.notify)
+        events = WebhookNotifier(self.cfg.notify)
         async with self._job_lock:
             if self._stop.is_set():
                 return  # queued behind a run while shutting down: do not start

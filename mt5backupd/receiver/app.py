@@ -54,7 +54,7 @@ from mt5backupd.receiver.storage import (
     UploadBusy,
 )
 from mt5backupd.retention import Policy
-from mt5backupd.sdnotify import Notifier as SystemdNotifier
+from mt5backupd.sdnotify import SystemdNotifier
 
 READ_BUFSIZE = 1024 * 1024
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
