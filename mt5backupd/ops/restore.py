@@ -21,7 +21,7 @@ from mt5backupd.backup.pgrestore import failure_reason, run_pg_restore
 from mt5backupd.backup.run import connect_db, receiver_client
 from mt5backupd.config import Config, DatabaseConfig, Secret
 from mt5backupd.config.secretfiles import database_password
-from mt5backupd.errors import EXIT_USAGE, ConfigError, Mt5BackupError, VerifyError
+from mt5backupd.errors import EXIT_USAGE, ChecksumMismatchError, ConfigError, Mt5BackupError
 from mt5backupd.names import InvalidName, validate_backup_id
 from mt5backupd.pgtext import quote_ident
 
@@ -190,8 +190,9 @@ async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local
     if actual != entry.sha256:
         if source == "remote":
             path.unlink(missing_ok=True)
-        raise VerifyError(f"{entry.file}: sha256 mismatch, expected {entry.sha256}, got "
-                          f"{actual}; not restoring (the file is corrupt or truncated)")
+        raise ChecksumMismatchError(f"{entry.file}: sha256 mismatch, expected {entry.sha256}, "
+                                    f"got {actual}; not restoring (the file is corrupt or "
+                                    "truncated)")
     logger.info("sha256 of {} verified", entry.file)
 
     existed = await _target_exists(db, password, target_db)
