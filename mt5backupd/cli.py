@@ -15,6 +15,7 @@ from loguru import logger
 from mt5backupd import __version__
 from mt5backupd.backup.run import BackupResult
 from mt5backupd.config import Config, file_mode_problems, load_config, resolve_config_path
+from mt5backupd.daemon.schedule import SCHEDULE_CHECKS
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, EXIT_VERIFY, Mt5BackupError
 from mt5backupd.logs import setup_logging
 from mt5backupd.tuning import tune_process
@@ -113,7 +114,8 @@ def _config_path(args: argparse.Namespace) -> Path | None:
 
 def _load(args: argparse.Namespace, *, check_modes: bool = True) -> Config:
     env_file = Path(args.env_file) if args.env_file else None
-    return load_config(_config_path(args), env_file=env_file, check_modes=check_modes)
+    return load_config(_config_path(args), env_file=env_file, check_modes=check_modes,
+                       schedule_checks=SCHEDULE_CHECKS)
 
 
 def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:

@@ -30,8 +30,22 @@ class LockHeldError(Mt5BackupError):
     exit_code = EXIT_LOCKED
 
 
-class VerifyError(Mt5BackupError):
+class CheckFailedError(Mt5BackupError):
+    """A check of a backup failed: its bytes, its readability, or a test restore."""
+
     exit_code = EXIT_VERIFY
+
+
+class ChecksumMismatchError(CheckFailedError):
+    """A backup file's sha256 is not the one recorded when it was written."""
+
+
+class ArchiveUnreadableError(CheckFailedError):
+    """pg_restore or tar cannot read a backup archive back."""
+
+
+class VerifyError(CheckFailedError):
+    """A test restore failed: the restored database is not the one that was dumped."""
 
 
 class UploadPendingError(Mt5BackupError):

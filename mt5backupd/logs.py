@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -88,9 +88,4 @@ def setup_logging(cfg: LogConfig | None, component: str, *, verbose: bool = Fals
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def bind(**extra: Any) -> Any:
-    """A logger carrying extra fields (run id, job, client) on every line."""
-    return logger.bind(**extra)
-
-
-__all__ = ["bind", "mask", "register_secret", "setup_logging"]
+__all__ = ["mask", "register_secret", "setup_logging"]

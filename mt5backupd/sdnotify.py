@@ -8,7 +8,9 @@ import socket
 from collections.abc import Mapping
 
 
-class Notifier:
+class SystemdNotifier:
+    """READY/STATUS/WATCHDOG/STOPPING to systemd (no-op when not run by systemd)."""
+
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         address = env.get("NOTIFY_SOCKET", "")

@@ -19,7 +19,7 @@ from mt5backupd.backup import spool
 from mt5backupd.backup.run import run_backup
 from mt5backupd.daemon.health import HealthInput, evaluate
 from mt5backupd.daemon.schedule import crontab_weekdays, make_trigger, missed_fire, next_fire
-from mt5backupd.sdnotify import Notifier
+from mt5backupd.sdnotify import SystemdNotifier
 from tests.backup_fixtures import BackupSetup
 from tests.daemon_harness import DaemonProcess, daemon_toml
 from tests.test_backup import process_gone
@@ -116,14 +116,14 @@ def test_sd_notify_path_and_abstract_socket(tmp_path: Path) -> None:
     name = f"mt5backupd-test-{os.getpid()}"
     abstract.bind(b"\0" + name.encode())
     try:
-        assert Notifier({"NOTIFY_SOCKET": str(tmp_path / "n.sock")}).send("READY=1")
+        assert SystemdNotifier({"NOTIFY_SOCKET": str(tmp_path / "n.sock")}).send("READY=1")
         assert fs.recv(100) == b"READY=1"
-        assert Notifier({"NOTIFY_SOCKET": "@" + name}).send("READY=1", "STATUS=x")
+        assert SystemdNotifier({"NOTIFY_SOCKET": "@" + name}).send("READY=1", "STATUS=x")
         assert abstract.recv(100) == b"READY=1\nSTATUS=x"
-        assert not Notifier({}).send("READY=1")
-        assert Notifier({"WATCHDOG_USEC": "3000000"}).watchdog_interval_s == 1.5
-        assert Notifier({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"}
-                        ).watchdog_interval_s is None
+        assert not SystemdNotifier({}).send("READY=1")
+        assert SystemdNotifier({"WATCHDOG_USEC": "3000000"}).watchdog_interval_s == 1.5
+        assert SystemdNotifier({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"}
+                               ).watchdog_interval_s is None
     finally:
         fs.close()
         abstract.close()

@@ -20,7 +20,7 @@ from mt5backupd.config import NotifyConfig, RepositoryConfig
 from mt5backupd.daemon import state
 from mt5backupd.daemon.jobs import DAEMON_JOBS, run_repository_now
 from mt5backupd.daemon.service import Daemon
-from mt5backupd.errors import VerifyError
+from mt5backupd.errors import ArchiveUnreadableError
 from tests.backup_fixtures import BackupSetup
 
 
@@ -112,7 +112,7 @@ def test_check_tar_refuses_truncated(tmp_path: Path) -> None:
     assert check_tar(good) == 1
     bad = tmp_path / "bad.tar.zst"
     bad.write_bytes(packed[: len(packed) // 2])
-    with pytest.raises(VerifyError):
+    with pytest.raises(ArchiveUnreadableError):
         check_tar(bad)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from mt5backupd.backup.run import run_backup
 from mt5backupd.config import parse_compression
-from mt5backupd.errors import EXIT_USAGE, EXIT_VERIFY, VerifyError
+from mt5backupd.errors import EXIT_USAGE, EXIT_VERIFY, ChecksumMismatchError
 from mt5backupd.ops.restore import RestoreRefused, local_entries, remote_entries, restore
 from mt5backupd.testkit.dbcontent import table_checksums, table_row_counts
 from tests.backup_fixtures import BackupSetup
@@ -70,7 +70,7 @@ async def test_flipped_byte_on_receiver_refused_before_pg_restore(
     blob = bytearray(stored.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     stored.write_bytes(bytes(blob))
-    with pytest.raises(VerifyError) as err:
+    with pytest.raises(ChecksumMismatchError) as err:
         await restore(backup_setup.cfg, "latest", "never_created", source="remote", create=True)
     assert result.sha256 in str(err.value)
     assert err.value.exit_code == EXIT_VERIFY

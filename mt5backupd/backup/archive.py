@@ -19,7 +19,7 @@ import zstandard
 from loguru import logger
 
 from mt5backupd.backup.compress import READ_BYTES, Writable
-from mt5backupd.errors import VerifyError
+from mt5backupd.errors import ArchiveUnreadableError
 
 
 def is_excluded(relative: str, patterns: Sequence[str]) -> bool:
@@ -95,7 +95,7 @@ def write_tar(root: Path, patterns: Sequence[str], sink: Writable, level: int) -
 
 def check_tar(path: Path) -> int:
     """Read the whole archive back (zstd frame and every tar header/member); return the
-    member count. VerifyError when it cannot be read to the end."""
+    member count. ArchiveUnreadableError when it cannot be read to the end."""
     members = 0
     try:
         with path.open("rb") as raw:
@@ -109,5 +109,5 @@ def check_tar(path: Path) -> int:
                             while extracted.read(READ_BYTES):
                                 pass
     except (tarfile.TarError, zstandard.ZstdError, OSError, EOFError) as exc:
-        raise VerifyError(f"archive {path.name} cannot be read back: {exc}") from None
+        raise ArchiveUnreadableError(f"archive {path.name} cannot be read back: {exc}") from None
     return members

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mt5backupd.backup.compress import decompress_file_to_fd, is_zstd_file
 from mt5backupd.backup.dump import child_env
-from mt5backupd.errors import ConfigError, VerifyError
+from mt5backupd.errors import ArchiveUnreadableError, ConfigError
 
 
 async def run_pg_restore(
@@ -69,8 +69,16 @@ async def run_pg_restore(
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
+def failure_reason(returncode: int, stderr: str) -> str:
+    """Why pg_restore failed, in one line: its last stderr line (where it says why), else the
+    exit status."""
+    text = stderr.strip()
+    return text.splitlines()[-1] if text else f"exit status {returncode}"
+
+
 async def list_archive(pg_restore: str, archive: Path) -> list[str]:
-    """The archive's table of contents; VerifyError when pg_restore cannot read it.
+    """The archive's table of contents; ArchiveUnreadableError when pg_restore cannot
+    read it.
 
     This reads the header and the table of contents only, not the table data: it proves the
     file is a custom-format archive pg_restore accepts. That the data blocks are the bytes
@@ -78,9 +86,9 @@ async def list_archive(pg_restore: str, archive: Path) -> list[str]:
     job of a test restore."""
     rc, out, err = await run_pg_restore(pg_restore, archive, ["--list"])
     if rc != 0:
-        last = err.strip().splitlines()[-1] if err.strip() else f"exit status {rc}"
-        raise VerifyError(f"pg_restore --list cannot read {archive.name}: {last}")
+        raise ArchiveUnreadableError(f"pg_restore --list cannot read {archive.name}: "
+                                     f"{failure_reason(rc, err)}")
     entries = [line for line in out.splitlines() if line and not line.startswith(";")]
     if not entries:
-        raise VerifyError(f"pg_restore --list found no entries in {archive.name}")
+        raise ArchiveUnreadableError(f"pg_restore --list found no entries in {archive.name}")
     return entries

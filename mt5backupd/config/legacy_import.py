@@ -20,27 +20,17 @@ import re
 import sys
 from pathlib import Path
 
-from mt5backupd.config import (
-    is_plain_http_remote,
-    load_config,
-    normalize_remote_url,
+from mt5backupd.config.legacy_env import (
+    LEGACY_SECRETS,
+    LEGACY_SETTINGS,
+    LEGACY_TOKEN,
     read_env_file,
 )
+from mt5backupd.config.loader import load_config
+from mt5backupd.config.secret import CREDENTIAL_REMOTE_TOKEN
+from mt5backupd.config.urls import is_plain_http_remote, normalize_remote_url
 from mt5backupd.errors import Mt5BackupError
 from mt5backupd.fsutil import atomic_write_bytes
-
-# legacy variable -> (section, key, kind)
-MAPPING = {
-    "POSTGRES_DB": ("database", "dbname", str),
-    "POSTGRES_USER": ("database", "user", str),
-    "POSTGRES_HOST": ("database", "host", str),
-    "POSTGRES_PORT": ("database", "port", int),
-    "BACKUP_DIR": ("local", "dir", str),
-    "KEEP_LOCAL_BACKUPS": ("local", "keep", int),
-    "BACKUP_API_URL": ("remote", "url", str),
-    "MAX_RETRIES": ("remote", "max_retries", int),
-    "RETRY_DELAY": ("remote", "retry_delay_s", float),
-}
 
 
 def set_key(text: str, section: str, key: str, value: str) -> str:
@@ -73,24 +63,23 @@ def allow_plain_http(text: str, url: str) -> str:
 def import_legacy(example: Path, env_file: Path | None, config_out: Path, credentials: Path,
                   metrics_textfile: Path | None = None) -> None:
     env = read_env_file(env_file) if env_file is not None else {}
+    where = str(env_file)
     text = example.read_text()
-    for var, (section, key, kind) in MAPPING.items():
-        raw = env.get(var)
+    for var in LEGACY_SETTINGS:  # the same table the daemon's --env-file overlay reads
+        raw = env.get(var.name)
         if not raw:
             continue
-        if var == "BACKUP_API_URL":
-            raw = normalize_remote_url(raw)
-        value = json.dumps(raw) if kind is str else str(kind(raw))
-        text = set_key(text, section, key, value)
-        if var == "BACKUP_API_URL" and is_plain_http_remote(raw):
-            text = allow_plain_http(text, raw)
+        text = set_key(text, var.section, var.key, var.toml(raw, where))
+        if var.kind == "url" and is_plain_http_remote(url := normalize_remote_url(raw)):
+            text = allow_plain_http(text, url)
     credentials.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for var, name in (("POSTGRES_PASSWORD", "db-password"), ("BACKUP_API_TOKEN", "remote-token")):
-        if env.get(var):
-            atomic_write_bytes(credentials / name, env[var].encode(), mode=0o600)
-    if env.get("BACKUP_API_TOKEN"):
+    for secret in LEGACY_SECRETS:  # into credential files, never into the TOML
+        if env.get(secret.name):
+            atomic_write_bytes(credentials / secret.credential, env[secret.name].encode(),
+                               mode=0o600)
+    if env.get(LEGACY_TOKEN):
         text = set_key(text, "remote", "token_file", json.dumps(str(credentials /
-                                                                     "remote-token")))
+                                                                     CREDENTIAL_REMOTE_TOKEN)))
     if metrics_textfile is not None:
         text = set_key(text, "metrics", "textfile", json.dumps(str(metrics_textfile)))
     atomic_write_bytes(config_out, text.encode(), mode=0o600)

@@ -11,13 +11,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from mt5backupd.config import DatabaseConfig, RemoteConfig, Secret
+from mt5backupd.config.model import DatabaseConfig, RemoteConfig
+from mt5backupd.config.secret import CREDENTIAL_DB_PASSWORD, CREDENTIAL_REMOTE_TOKEN, Secret
 from mt5backupd.errors import ConfigError
 from mt5backupd.fsutil import insecure_mode
 from mt5backupd.logs import register_secret
-
-CREDENTIAL_DB_PASSWORD = "db-password"
-CREDENTIAL_REMOTE_TOKEN = "remote-token"
 
 
 def read_secret_file(path: Path, what: str) -> Secret:

@@ -10,6 +10,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
 
+from mt5backupd.config.loader import ScheduleChecks
+
 
 def system_timezone(env: dict[str, str] | None = None,
                     localtime: Path = Path("/etc/localtime")) -> tzinfo:
@@ -113,3 +115,7 @@ def missed_fire(trigger: CronTrigger, now: datetime, last_run: datetime | None,
     if latest is None or (last_run is not None and last_run >= latest):
         return None
     return latest
+
+
+# What the CLI and the daemon hand to load_config, so a bad cron or zone is refused at load.
+SCHEDULE_CHECKS = ScheduleChecks(timezone=resolve_timezone, cron=make_trigger)

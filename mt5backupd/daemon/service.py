@@ -31,10 +31,15 @@ from mt5backupd.daemon import state
 from mt5backupd.daemon.health import HealthInput, evaluate
 from mt5backupd.daemon.jobs import JobOutcome
 from mt5backupd.daemon.metrics import LiveState, make_registry
-from mt5backupd.daemon.schedule import make_trigger, missed_fire, resolve_timezone
-from mt5backupd.daemon.webhooks import Notifier as EventNotifier
+from mt5backupd.daemon.schedule import (
+    SCHEDULE_CHECKS,
+    make_trigger,
+    missed_fire,
+    resolve_timezone,
+)
+from mt5backupd.daemon.webhooks import WebhookNotifier
 from mt5backupd.errors import ConfigError, LockHeldError, Mt5BackupError
-from mt5backupd.sdnotify import Notifier as SystemdNotifier
+from mt5backupd.sdnotify import SystemdNotifier
 from mt5backupd.webapp import start_site
 
 JobFn = Callable[[Config], Awaitable[JobOutcome]]
@@ -240,7 +245,7 @@ class Daemon:
 
     async def _run_job(self, job: str) -> None:
         run_id = secrets.token_hex(4)
-        events = EventNotifier(self.cfg.notify)
+        events = WebhookNotifier(self.cfg.notify)
         async with self._job_lock:
             if self._stop.is_set():
                 return  # queued behind a run while shutting down: do not start
@@ -286,7 +291,8 @@ class Daemon:
 
     def reload(self) -> None:
         try:
-            new = load_config(self.config_path, env_file=self.env_file)
+            new = load_config(self.config_path, env_file=self.env_file,
+                              schedule_checks=SCHEDULE_CHECKS)
             for expr in (new.schedule.database, new.schedule.repository, new.schedule.verify,
                          new.schedule.upload_pending):
                 if expr:

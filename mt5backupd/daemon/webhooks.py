@@ -13,7 +13,9 @@ from mt5backupd import __version__
 from mt5backupd.config import NotifyConfig
 
 
-class Notifier:
+class WebhookNotifier:
+    """Run events to the [notify] webhooks and ping URL; failures are logged, never raised."""
+
     def __init__(self, cfg: NotifyConfig) -> None:
         self.cfg = cfg
 

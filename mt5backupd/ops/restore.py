@@ -17,12 +17,13 @@ from loguru import logger
 from mt5backupd.backup import spool
 from mt5backupd.backup.compress import decompress_file_to_fd, is_zstd_file
 from mt5backupd.backup.dump import pg_child_env
-from mt5backupd.backup.pgrestore import run_pg_restore
+from mt5backupd.backup.pgrestore import failure_reason, run_pg_restore
 from mt5backupd.backup.run import connect_db, receiver_client
 from mt5backupd.config import Config, DatabaseConfig, Secret
 from mt5backupd.config.secretfiles import database_password
-from mt5backupd.errors import EXIT_USAGE, ConfigError, Mt5BackupError, VerifyError
+from mt5backupd.errors import EXIT_USAGE, ChecksumMismatchError, ConfigError, Mt5BackupError
 from mt5backupd.names import InvalidName, validate_backup_id
+from mt5backupd.pgtext import quote_ident
 
 RESTORE_DIR = ".restore"
 KIND = "database"
@@ -153,8 +154,7 @@ async def _maintenance_connection(db: DatabaseConfig, password: Secret | None) -
 async def _create_database(db: DatabaseConfig, password: Secret | None, target: str) -> None:
     conn = await _maintenance_connection(db, password)
     try:
-        quoted = '"' + target.replace('"', '""') + '"'
-        await conn.execute(f"CREATE DATABASE {quoted}")
+        await conn.execute(f"CREATE DATABASE {quote_ident(target)}")
     finally:
         await conn.close()
 
@@ -190,8 +190,9 @@ async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local
     if actual != entry.sha256:
         if source == "remote":
             path.unlink(missing_ok=True)
-        raise VerifyError(f"{entry.file}: sha256 mismatch, expected {entry.sha256}, got "
-                          f"{actual}; not restoring (the file is corrupt or truncated)")
+        raise ChecksumMismatchError(f"{entry.file}: sha256 mismatch, expected {entry.sha256}, "
+                                    f"got {actual}; not restoring (the file is corrupt or "
+                                    "truncated)")
     logger.info("sha256 of {} verified", entry.file)
 
     existed = await _target_exists(db, password, target_db)
@@ -224,8 +225,7 @@ async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local
             plain.unlink(missing_ok=True)
     restore_s = time.monotonic() - t1
     if rc != 0:
-        last = err.strip().splitlines()[-1] if err.strip() else f"exit status {rc}"
-        raise Mt5BackupError(f"pg_restore into {target_db} failed: {last}")
+        raise Mt5BackupError(f"pg_restore into {target_db} failed: {failure_reason(rc, err)}")
     if source == "remote":
         with contextlib.suppress(OSError):
             path.unlink()

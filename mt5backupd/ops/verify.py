@@ -16,7 +16,7 @@ from loguru import logger
 
 from mt5backupd.backup import spool
 from mt5backupd.backup.dump import pg_child_env
-from mt5backupd.backup.pgrestore import list_archive, run_pg_restore
+from mt5backupd.backup.pgrestore import failure_reason, list_archive, run_pg_restore
 from mt5backupd.backup.rowcounts import compare, table_key
 from mt5backupd.backup.run import connect_db
 from mt5backupd.backup.runlock import RunLock
@@ -24,6 +24,7 @@ from mt5backupd.config import Config
 from mt5backupd.config.secretfiles import database_password
 from mt5backupd.errors import Mt5BackupError
 from mt5backupd.ops.restore import local_entries, pick, sha256_file
+from mt5backupd.pgtext import quote_ident
 
 SCRATCH_PREFIX = "mt5backupd_verify_"
 
@@ -46,10 +47,6 @@ class VerifyOutcome:
         head = (f"verify {self.id}: {'PASSED' if self.passed else 'FAILED'} "
                 f"({self.tables} tables, restore {self.restore_s:.1f} s)")
         return "\n".join([head, *(f"  - {r}" for r in self.reasons)])
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _toc_tables(toc: list[str]) -> set[str]:
@@ -113,7 +110,7 @@ async def _verify_locked(cfg: Config, manifest: spool.Manifest) -> VerifyOutcome
     scratch = SCRATCH_PREFIX + secrets.token_hex(4)
     admin = await connect_db(db, password, "postgres")
     try:
-        await admin.execute(f"CREATE DATABASE {_quote(scratch)}")
+        await admin.execute(f"CREATE DATABASE {quote_ident(scratch)}")
         try:
             t0 = time.monotonic()
             with pg_child_env(db, password) as env:
@@ -123,8 +120,7 @@ async def _verify_locked(cfg: Config, manifest: spool.Manifest) -> VerifyOutcome
                                           f"--dbname={scratch}"], env=env)
             outcome.restore_s = time.monotonic() - t0
             if rc != 0:
-                last = err.strip().splitlines()[-1] if err.strip() else f"exit status {rc}"
-                outcome.reasons.append(f"pg_restore failed: {last}")
+                outcome.reasons.append(f"pg_restore failed: {failure_reason(rc, err)}")
                 return outcome
             conn = await connect_db(db, password, scratch)
             try:
@@ -142,6 +138,6 @@ async def _verify_locked(cfg: Config, manifest: spool.Manifest) -> VerifyOutcome
             return outcome
         finally:
             with contextlib.suppress(asyncpg.PostgresError, OSError):
-                await admin.execute(f"DROP DATABASE IF EXISTS {_quote(scratch)} WITH (FORCE)")
+                await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(scratch)} WITH (FORCE)")
     finally:
         await admin.close()

@@ -34,7 +34,7 @@ from mt5backupd.receiver.middleware import errors_and_auth
 from mt5backupd.receiver.noise import NoiseLog
 from mt5backupd.receiver.protocol import HardenedRunner
 from mt5backupd.receiver.storage import Storage
-from mt5backupd.sdnotify import Notifier as SystemdNotifier
+from mt5backupd.sdnotify import SystemdNotifier
 from mt5backupd.webapp import start_site
 
 MAX_EXPIRY_INTERVAL_S = 600.0

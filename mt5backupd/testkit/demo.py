@@ -22,7 +22,7 @@ from mt5backupd.config import (
     ReceiverConfig,
     RemoteConfig,
 )
-from mt5backupd.errors import EXIT_FAILURE, EXIT_OK, VerifyError
+from mt5backupd.errors import EXIT_FAILURE, EXIT_OK, CheckFailedError, VerifyError
 from mt5backupd.fsutil import atomic_write_bytes
 from mt5backupd.ops.restore import restore
 from mt5backupd.receiver.auth import TokenStore, add_token
@@ -98,7 +98,7 @@ async def run_demo(*, size_bytes: int, keep_dir: Path | None, as_json: bool) -> 
         else:
             print("demo: OK — backup taken, uploaded, verified on both ends and restored")
         return EXIT_OK
-    except VerifyError as exc:
+    except CheckFailedError as exc:  # a sha256 mismatch in the restore, or the row counts
         report["ok"] = False
         report["error"] = str(exc)
         if as_json:

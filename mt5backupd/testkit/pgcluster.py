@@ -13,7 +13,8 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from mt5backupd.testkit.pghost import SUPERUSER, PgClusterError, quote_ident, quote_literal
+from mt5backupd.pgtext import quote_ident, quote_literal
+from mt5backupd.testkit.pghost import SUPERUSER, PgClusterError
 from mt5backupd.testkit.pgserver import PgServer
 
 __all__ = ["PgCluster", "PgClusterError"]

@@ -79,16 +79,6 @@ def free_port() -> int:
         return port
 
 
-def quote_ident(name: str) -> str:
-    """SQL identifier quoting, so database and role names from tests cannot inject SQL."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(value: str) -> str:
-    """SQL string literal quoting (standard_conforming_strings is on by default since 9.1)."""
-    return "'" + value.replace("'", "''") + "'"
-
-
 # -- the postgres OS account -----------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Literal, Self
 from urllib.parse import quote
 
+from mt5backupd.pgtext import quote_literal
 from mt5backupd.testkit import reaper
 from mt5backupd.testkit.pghost import (
     SUPERUSER,
@@ -36,7 +37,6 @@ from mt5backupd.testkit.pghost import (
     kill_with_children,
     make_root,
     process_alive,
-    quote_literal,
     require_server_account,
     server_argv,
 )
