@@ -53,6 +53,7 @@ from mt5backupd.receiver.storage import (
     TooLarge,
     UploadBusy,
 )
+from mt5backupd.records import UploadSession, sidecar_line
 from mt5backupd.retention import Policy
 from mt5backupd.sdnotify import Notifier as SystemdNotifier
 
@@ -363,7 +364,7 @@ async def create_upload(request: web.Request) -> web.Response:
     location = f"/api/v1/uploads/{sess.uid}"
     logger.bind(client=sess.client).info("upload {} started for {} ({})", sess.uid, name, kind)
     return web.json_response(
-        {"upload_id": sess.uid, "offset": 0, "url": location},
+        UploadSession(sess.uid, 0, location).to_json(),
         status=201,
         headers={"Location": location, "Upload-Offset": "0"},
     )
@@ -550,7 +551,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     raw_id = request.match_info["id"]
     if raw_id.endswith(SIDECAR_SUFFIX):
         record = storage.get(client, raw_id.removesuffix(SIDECAR_SUFFIX))
-        return web.Response(text=f"{record.sha256}  {record.id}\n",
+        return web.Response(text=sidecar_line(record.sha256, record.id),
                             headers={"X-Content-SHA256": record.sha256})
     record, fh = storage.open_data(client, raw_id)
     try:
