@@ -22,10 +22,13 @@ class InvalidRecord(ValueError):
     """JSON from the other side that is not a valid record; the message says which field."""
 
 
+_TYPE_NAMES = {str: "a string", int: "an integer"}
+
+
 def _field(data: dict[str, Any], key: str, kind: type, what: str) -> Any:
     value = data.get(key)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise InvalidRecord(f"{what}: field {key!r} is missing or not a {kind.__name__}")
+    if not isinstance(value, kind) or isinstance(value, bool):  # JSON true is no integer
+        raise InvalidRecord(f"{what}: field {key!r} is missing or not {_TYPE_NAMES[kind]}")
     return value
 
 
@@ -75,7 +78,8 @@ class BackupRecord:
             datetime.fromisoformat(created)
         except ValueError:
             raise InvalidRecord(f"{what}: created is not an ISO 8601 time") from None
-        metadata = data.get("metadata") or {}
+        metadata = data.get("metadata")
+        metadata = {} if metadata is None else metadata
         if not isinstance(metadata, dict):
             raise InvalidRecord(f"{what}: metadata is not a JSON object")
         return cls(id=backup_id, client=_field(data, "client", str, what),
