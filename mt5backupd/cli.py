@@ -13,7 +13,7 @@ from pathlib import Path
 from loguru import logger
 
 from mt5backupd import __version__
-from mt5backupd.backup.run import BackupResult
+from mt5backupd.backup.result import BackupResult
 from mt5backupd.config import Config, file_mode_problems, load_config, resolve_config_path
 from mt5backupd.daemon.schedule import SCHEDULE_CHECKS
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, EXIT_VERIFY, Mt5BackupError
@@ -151,14 +151,14 @@ def _cmd_run_now(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_list(args: argparse.Namespace, config: Config) -> int:
-    from mt5backupd.ops import restore
+    from mt5backupd.ops import listing
 
-    entries = (asyncio.run(restore.remote_entries(config)) if args.remote
-               else restore.local_entries(config))
+    entries = (asyncio.run(listing.remote_entries(config)) if args.remote
+               else listing.local_entries(config))
     if args.json:
         print(json.dumps([e.to_json() for e in entries], indent=2))
     else:
-        print(restore.format_table(entries))
+        print(listing.format_table(entries))
     return EXIT_OK
 
 

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ import aiohttp
 import pytest
 
 from mt5backupd.backup import spool
-from mt5backupd.backup.run import pending_command, run_backup
+from mt5backupd.backup.pending import pending_command
+from mt5backupd.backup.run import run_backup
+from mt5backupd.backup.upload_state import UploadState
 from mt5backupd.config import Config, parse_compression
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, ConfigError
 from mt5backupd.testkit.dbcontent import table_checksums, table_row_counts
@@ -74,12 +77,13 @@ async def test_backup_verified_everywhere_and_restores(backup_setup: BackupSetup
     assert result.file is not None
     directory = cfg.local.dir
     suffix = ".dump.zst" if compression.startswith("zstd") else ".dump"
-    assert result.file.name == f"{backup_setup.dbname}-" + result.id.split("-", 1)[1] + suffix
+    assert result.id == result.file.name  # the one id: the file name, as on the receiver
+    assert re.fullmatch(rf"{backup_setup.dbname}-\d{{8}}-\d{{6}}{re.escape(suffix)}", result.id)
     assert sha_file(result.file) == result.sha256
     check = subprocess.run(["sha256sum", "-c", result.file.name + ".sha256"], cwd=directory,
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    manifest = json.loads((directory / f"{result.id}.json").read_text())
+    manifest = json.loads(spool.manifest_path(directory, result.id).read_text())
     assert manifest["sha256"] == result.sha256
     assert manifest["size"] == result.file.stat().st_size
     assert manifest["upload"]["state"] == "uploaded"
@@ -161,11 +165,11 @@ async def test_receiver_down_then_upload_pending(backup_setup: BackupSetup) -> N
     assert result.ok
     assert result.exit_code == EXIT_PENDING
     assert result.upload_state == "pending"
-    manifest = json.loads((cfg.local.dir / f"{result.id}.json").read_text())
+    manifest = json.loads(spool.manifest_path(cfg.local.dir, result.id).read_text())
     assert manifest["upload"]["state"] == "pending"
     done, left = await pending_command(backup_setup.cfg)
     assert (done, left) == (1, 0)
-    manifest = json.loads((cfg.local.dir / f"{result.id}.json").read_text())
+    manifest = json.loads(spool.manifest_path(cfg.local.dir, result.id).read_text())
     assert manifest["upload"]["state"] == "uploaded"
     remote = {b["id"]: b for b in await remote_list(backup_setup)}
     assert result.file is not None
@@ -302,7 +306,7 @@ async def test_size_anomaly_flagged(backup_setup: BackupSetup) -> None:
     assert second.ok
     assert second.size_anomaly
     assert "size anomaly" in second.summary()
-    manifest = json.loads((backup_setup.cfg.local.dir / f"{second.id}.json").read_text())
+    manifest = json.loads(spool.manifest_path(backup_setup.cfg.local.dir, second.id).read_text())
     assert manifest["size_anomaly"] is True
 
 
@@ -393,10 +397,10 @@ async def test_upload_pending_resumes_recorded_session(backup_setup: BackupSetup
 
     async with ReceiverClient(backup_setup.receiver.url,
                               Secret(backup_setup.receiver.tokens.alice), timeout_s=10) as client:
-        uid = await client.create_upload(result.file.name, "database", None, {})
+        uid = (await client.create_upload(result.file.name, "database", None, {})).upload_id
         assert await client.append(uid, 0, first_half()) == half  # type: ignore[arg-type]
     manifest = spool.load_manifests(backup_setup.cfg.local.dir)[-1]
-    manifest.upload["session"] = uid
+    manifest.upload = manifest.upload.with_session(uid)
     spool.save_manifest(backup_setup.cfg.local.dir, manifest)
     received_before = backup_setup.receiver.metrics.bytes_received._value.get()
     assert await pending_command(backup_setup.cfg) == (1, 0)
@@ -412,7 +416,7 @@ async def test_pending_backup_already_on_receiver_is_recognised(backup_setup: Ba
     result = await run_backup(backup_setup.cfg)
     assert result.upload_state == "uploaded"
     manifest = spool.load_manifests(backup_setup.cfg.local.dir)[-1]
-    manifest.upload = {"state": "pending", "session": None}
+    manifest.upload = UploadState.pending()
     spool.save_manifest(backup_setup.cfg.local.dir, manifest)
     assert await pending_command(backup_setup.cfg) == (1, 0)
-    assert spool.load_manifests(backup_setup.cfg.local.dir)[-1].upload["state"] == "uploaded"
+    assert spool.load_manifests(backup_setup.cfg.local.dir)[-1].upload.state == "uploaded"

@@ -14,7 +14,7 @@ from mt5backupd.backup.dump import (
     pg_dump_argv,
     server_major,
 )
-from mt5backupd.backup.spool import backup_id
+from mt5backupd.backup.spool import backup_stem
 from mt5backupd.config import (
     Compression,
     load_config,
@@ -33,7 +33,7 @@ def test_backup_id_legacy_pattern_in_utc() -> None:
     from zoneinfo import ZoneInfo
 
     local = datetime(2026, 11, 25, 5, 0, 7, tzinfo=ZoneInfo("Europe/Athens"))
-    assert backup_id("mt5_trading", local) == "mt5_trading-20261125-030007"
+    assert backup_stem("mt5_trading", local) == "mt5_trading-20261125-030007"
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from mt5backupd.backup import spool, upload_journal
+from mt5backupd.backup.upload_state import UploadState
 from mt5backupd.config import Config, LocalConfig, load_config
 from mt5backupd.daemon.metrics import LiveState, make_registry
 from mt5backupd.daemon.service import Daemon
@@ -412,7 +413,7 @@ def test_journal_plan_resumes_complete_backup_and_aborts_the_rest() -> None:
                               compression="none", started="2024-01-01T00:00:00+00:00",
                               finished="2024-01-01T00:00:01+00:00", duration_s=1.0,
                               dump_duration_s=1.0, raw_bytes=1, size_anomaly=False,
-                              upload=upload, database="db")
+                              upload=UploadState.from_json(upload), database="db")
 
     manifests = [manifest("a", {"state": "pending"}),
                  manifest("b", {"state": "uploaded"}),

@@ -181,7 +181,7 @@ async def test_scheduled_runs_update_metrics_and_health(backup_setup: BackupSetu
         assert m[("mt5backup_last_size_bytes", (("job", "database"),))] > 0
         assert m[("mt5backup_next_run_timestamp_seconds", (("job", "database"),))] > 0
         manifests = spool.load_manifests(backup_setup.cfg.local.dir)
-        assert manifests[-1].upload["state"] == "uploaded"
+        assert manifests[-1].upload.state == "uploaded"
         code, body = await daemon.get("/health")
         assert code == 200, body
 

@@ -24,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mt5backupd.backup import spool
+from mt5backupd.backup.upload_state import UploadState
 from mt5backupd.config import load_config
 from mt5backupd.daemon import state
 from mt5backupd.daemon.metrics import LegacyValues, legacy_values
@@ -136,7 +137,7 @@ def manifest(kind: str, size: int, finished: str, *, pending: bool = False) -> s
         id=f"{kind}-{size}", file=f"{kind}-{size}.dump", kind=kind, database="db", size=size,
         sha256="0" * 64, compression="none", started=finished, finished=finished,
         duration_s=2.5, dump_duration_s=2.0, raw_bytes=size,
-        upload={"state": "pending" if pending else "uploaded"})
+        upload=UploadState.from_json({"state": "pending" if pending else "uploaded"}))
 
 
 T1, T2 = "2025-10-19T17:19:17.250000+00:00", "2025-10-20T03:00:09+02:00"

@@ -14,7 +14,8 @@ import pytest
 from mt5backupd.backup.run import run_backup
 from mt5backupd.config import parse_compression
 from mt5backupd.errors import EXIT_USAGE, EXIT_VERIFY, ChecksumMismatchError
-from mt5backupd.ops.restore import RestoreRefused, local_entries, remote_entries, restore
+from mt5backupd.ops.listing import local_entries, remote_entries
+from mt5backupd.ops.restore import RestoreRefused, restore
 from mt5backupd.testkit.dbcontent import table_checksums, table_row_counts
 from tests.backup_fixtures import BackupSetup
 from tests.test_backup import config_toml

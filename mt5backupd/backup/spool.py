@@ -2,8 +2,12 @@
 
 Nothing incomplete carries a final name: bytes go to ``<dir>/.partial/<file>`` and reach
 ``<dir>/<file>`` by one rename after pg_dump succeeded, the file was fsynced and pg_restore read it.
-The manifest ``<dir>/<id>.json`` is written last, so a backup "exists" exactly when its manifest
+The manifest ``<dir>/<stem>.json`` is written last, so a backup "exists" exactly when its manifest
 does; listing, rotation and upload-pending all go by manifests.
+
+A backup's id is its file name (``mt5_trading-20261125-030000.dump.zst``), the same id the
+receiver gives it; the manifest keeps the name it always had, the id without its suffix
+(``mt5_trading-20261125-030000.json``).
 """
 
 from __future__ import annotations
@@ -12,45 +16,58 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mt5backupd.backup.upload_state import UploadState
 from mt5backupd.errors import Mt5BackupError
 from mt5backupd.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, is_disk_full
+from mt5backupd.names import SIDECAR_SUFFIX
+from mt5backupd.records import sidecar_line
 
 PARTIAL_DIR = ".partial"
 MANIFEST_SUFFIX = ".json"
-SIDECAR_SUFFIX = ".sha256"
-
-UPLOAD_UPLOADED = "uploaded"
-UPLOAD_PENDING = "pending"
-UPLOAD_DISABLED = "disabled"  # no [remote] configured
+KIND_DATABASE = "database"
+KIND_REPOSITORY = "repository"
+# the end of a generated stem: -YYYYMMDD-HHMMSS, maybe -n, then the file suffix
+_STEM_END = re.compile(r"-\d{8}-\d{6}(?:-\d+)?(?=\.)")
 
 
 class LocalDiskFull(Mt5BackupError):
     pass
 
 
-def backup_id(prefix: str, when: datetime) -> str:
-    """``mt5_trading-20261125-030000`` (UTC, so DST never makes two runs share a name)."""
+def backup_stem(prefix: str, when: datetime) -> str:
+    """``mt5_trading-20261125-030000`` (UTC, so DST never makes two runs share a name): the
+    id without its file suffix, and the name of the manifest."""
     return f"{prefix}-{when.astimezone(UTC):%Y%m%d-%H%M%S}"
 
 
-def unique_backup_id(directory: Path, prefix: str, when: datetime, suffix: str,
-                     taken_remotely: frozenset[str] = frozenset()) -> str:
-    """``backup_id``, with ``-1``, ``-2``... when a run in the same second already took it,
-    here or (``taken_remotely``, file names) on the receiver."""
-    base = candidate = backup_id(prefix, when)
+def stem_of(backup_id: str) -> str:
+    """``mt5_trading-20261125-030000`` of ``mt5_trading-20261125-030000.dump.zst`` (pure)."""
+    ends = list(_STEM_END.finditer(backup_id))
+    if ends:
+        return backup_id[:ends[-1].end()]
+    return backup_id.split(".", 1)[0] or backup_id  # not a name we generate: up to its suffix
+
+
+def unique_backup_name(directory: Path, prefix: str, when: datetime, suffix: str,
+                       taken_remotely: frozenset[str] = frozenset()) -> str:
+    """The new backup's id (its file name): ``backup_stem`` + ``suffix``, with ``-1``,
+    ``-2``... when a run in the same second already took it, here or (``taken_remotely``) on
+    the receiver."""
+    base = candidate = backup_stem(prefix, when)
     n = 0
-    while (manifest_path(directory, candidate).exists()
+    while (manifest_path(directory, candidate + suffix).exists()
            or (directory / f"{candidate}{suffix}").exists()
            or f"{candidate}{suffix}" in taken_remotely):
         n += 1
         candidate = f"{base}-{n}"
-    return candidate
+    return candidate + suffix
 
 
 class SpoolFile:
@@ -115,7 +132,7 @@ class SpoolFile:
 
 @dataclass
 class Manifest:
-    id: str
+    id: str  # == file: the one backup id (older manifests said the stem; loading fixes that)
     file: str
     kind: str
     database: str
@@ -130,7 +147,7 @@ class Manifest:
     pg_dump_version: str = ""
     server_version: str = ""
     size_anomaly: bool = False
-    upload: dict[str, Any] = field(default_factory=lambda: {"state": UPLOAD_PENDING})
+    upload: UploadState = field(default_factory=UploadState.pending)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -139,15 +156,35 @@ class Manifest:
 
     @property
     def pending(self) -> bool:
-        return self.upload.get("state") == UPLOAD_PENDING
+        return self.upload.is_pending
 
     def to_json(self) -> dict[str, Any]:
-        return {"manifest_version": 1, **asdict(self)}
+        data: dict[str, Any] = {"manifest_version": 1}
+        for name in self.__dataclass_fields__:
+            data[name] = getattr(self, name)
+        data["upload"] = self.upload.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {k: v for k, v in data.items() if k in known}
+        fields["upload"] = UploadState.from_json(data.get("upload"))
+        fields["id"] = str(data["file"])  # the id is the file name, also in older manifests
+        return cls(**fields)
+
+
+def upload_metadata(manifest: Manifest) -> dict[str, Any]:
+    """What the receiver stores with a backup, by kind: the one builder, for the live run and
+    for a late upload alike."""
+    metadata: dict[str, Any] = {"kind": manifest.kind, "started": manifest.started,
+                                "compression": manifest.compression}
+    if manifest.kind == KIND_DATABASE:
+        metadata.update(database=manifest.database, pg_dump_version=manifest.pg_dump_version,
+                        server_version=manifest.server_version)
+    if "path" in manifest.extra:
+        metadata["path"] = manifest.extra["path"]
+    return metadata
 
 
 def publish(spooled: SpoolFile, final: Path, manifest: Manifest, directory: Path) -> None:
@@ -165,14 +202,14 @@ def publish(spooled: SpoolFile, final: Path, manifest: Manifest, directory: Path
         raise
 
 
-def manifest_path(directory: Path, backup: str) -> Path:
-    return directory / f"{backup}{MANIFEST_SUFFIX}"
+def manifest_path(directory: Path, backup_id: str) -> Path:
+    return directory / f"{stem_of(backup_id)}{MANIFEST_SUFFIX}"
 
 
 def write_sidecar(final_path: Path, sha256: str) -> Path:
     """``<sha256>  <file>`` next to the file: ``sha256sum -c`` accepts it as is."""
     sidecar = final_path.with_name(final_path.name + SIDECAR_SUFFIX)
-    atomic_write_bytes(sidecar, f"{sha256}  {final_path.name}\n".encode(), mode=0o640)
+    atomic_write_bytes(sidecar, sidecar_line(sha256, final_path.name).encode(), mode=0o640)
     return sidecar
 
 

@@ -22,6 +22,7 @@ from mt5backupd import __version__
 from mt5backupd.backoff import backoff_delays, is_retryable_status
 from mt5backupd.config import Secret
 from mt5backupd.errors import ConfigError, Mt5BackupError
+from mt5backupd.records import BackupRecord, InvalidRecord, UploadSession, find_same
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -57,6 +58,10 @@ def _not_trusted(base_url: str, exc: aiohttp.ClientConnectorCertificateError) ->
         f"{NOT_TRUSTED}: TLS verification of {base_url} failed ({exc.certificate_error}); set "
         "[remote] ca_file to the CA that signed the receiver's certificate, or fix the "
         "certificate's host name")
+
+
+class ReceiverBadAnswer(Mt5BackupError):
+    """The receiver answered 2xx with JSON that is not the wire contract (records.py)."""
 
 
 class UploadGone(Mt5BackupError):
@@ -157,12 +162,18 @@ class ReceiverClient:
         _s, body, _h = await self._request("GET", "/api/v1/whoami", expect=(200,))
         return dict(body)
 
+    def _bad_answer(self, what: str, exc: InvalidRecord) -> ReceiverBadAnswer:
+        return ReceiverBadAnswer(f"receiver {self.base_url} sent an invalid {what}: {exc}")
+
     async def create_upload(self, name: str, kind: str, size: int | None,
-                            metadata: dict[str, Any]) -> str:
+                            metadata: dict[str, Any]) -> UploadSession:
         payload = {"name": name, "kind": kind, "size": size, "metadata": metadata}
         _s, body, _h = await self._request("POST", "/api/v1/uploads", json=payload,
                                            expect=(201,))
-        return str(body["upload_id"])
+        try:
+            return UploadSession.from_json(body)
+        except InvalidRecord as exc:
+            raise self._bad_answer("upload session", exc) from None
 
     async def upload_offset(self, uid: str) -> int:
         _s, _b, headers = await self._request("HEAD", f"/api/v1/uploads/{uid}", expect=(200,))
@@ -177,17 +188,33 @@ class ReceiverClient:
         )
         return int(headers["Upload-Offset"])
 
-    async def commit(self, uid: str, sha256: str, size: int) -> dict[str, Any]:
+    async def commit(self, uid: str, sha256: str, size: int) -> BackupRecord:
         _s, body, _h = await self._request("POST", f"/api/v1/uploads/{uid}/commit",
                                            json={"sha256": sha256, "size": size}, expect=(201,))
-        return dict(body)
+        try:
+            return BackupRecord.from_json(body)
+        except InvalidRecord as exc:
+            raise self._bad_answer("commit answer", exc) from None
 
     async def abort(self, uid: str) -> None:
         await self._request("DELETE", f"/api/v1/uploads/{uid}", expect=(204, 404))
 
-    async def list_backups(self) -> list[dict[str, Any]]:
+    async def list_backups(self) -> list[BackupRecord]:
+        """Every backup the receiver holds for us. A record that is not valid (its id would
+        become a local file name) is left out with a warning; a list that is not a list fails."""
         _s, body, _h = await self._request("GET", "/api/backup/list", expect=(200,))
-        return list(body["backups"])
+        raw = body.get("backups") if isinstance(body, dict) else None
+        if not isinstance(raw, list):
+            raise ReceiverBadAnswer(f"receiver {self.base_url} sent an invalid backup list: "
+                                    "no 'backups' array")
+        records = []
+        for item in raw:
+            try:
+                records.append(BackupRecord.from_json(item))
+            except InvalidRecord as exc:
+                logger.warning("receiver {} listed an invalid backup record; ignored: {}",
+                               self.base_url, exc)
+        return records
 
     async def download(self, backup: str, dest: Path) -> str:
         """Stream backup ``backup`` into ``dest``, resuming a previous partial download
@@ -329,7 +356,8 @@ async def send_following(
         while True:
             try:
                 if progress.uid is None:
-                    progress.uid = await client.create_upload(name, kind, None, metadata)
+                    session = await client.create_upload(name, kind, None, metadata)
+                    progress.uid = session.upload_id
                     progress.offset = 0
                     progress.on_session(progress.uid)
                 elif need_offset:
@@ -376,17 +404,17 @@ async def send_following(
 
 async def commit_with_retries(client: ReceiverClient, progress: UploadProgress, *, name: str,
                               sha256: str, size: int, max_retries: int,
-                              retry_delay_s: float) -> dict[str, Any]:
-    """Commit; a lost response whose commit did happen is recognised by name and sha256."""
+                              retry_delay_s: float) -> BackupRecord:
+    """Commit; a lost response whose commit did happen is recognised by ``find_same``."""
     assert progress.uid is not None
     delays = backoff_delays(max_retries, retry_delay_s)
     for attempt in range(max_retries + 1):
         try:
             return await client.commit(progress.uid, sha256, size)
         except UploadGone:
-            for record in await client.list_backups():
-                if record.get("id") == name and record.get("sha256") == sha256:
-                    return record
+            found = find_same(await client.list_backups(), name, sha256, size)
+            if found is not None:
+                return found
             raise
         except ReceiverUnavailable as exc:
             if attempt >= max_retries:

@@ -66,7 +66,7 @@ def plan(sessions: Mapping[str, str], manifests: Iterable[Manifest]) -> Plan:
     result = Plan()
     for uid, file in sessions.items():  # oldest first: a later session of a file wins
         manifest = by_file.get(file)
-        recorded = manifest.upload.get("session") if manifest is not None else None
+        recorded = manifest.upload.session if manifest is not None else None
         if manifest is not None and manifest.pending and recorded == uid:
             result.settled.append(uid)
         elif manifest is not None and manifest.pending and recorded is None:

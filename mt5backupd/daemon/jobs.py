@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from mt5backupd.backup.run import BackupResult, pending_command, run_backup, run_repository
+from mt5backupd.backup.pending import pending_command
+from mt5backupd.backup.result import BackupResult
+from mt5backupd.backup.run import run_backup, run_repository
 from mt5backupd.config import Config
 from mt5backupd.daemon import state, textfile
 from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError

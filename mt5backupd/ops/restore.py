@@ -1,4 +1,4 @@
-"""`mt5backupd restore` and `mt5backupd list`: find a backup, get it (resuming a download),
+"""`mt5backupd restore`: find a backup (``listing.resolve``), get it (resuming a download),
 prove its sha256 before any database is touched, then pg_restore it into a target database."""
 
 from __future__ import annotations
@@ -16,89 +16,23 @@ from loguru import logger
 
 from mt5backupd.backup import spool
 from mt5backupd.backup.compress import decompress_file_to_fd, is_zstd_file
+from mt5backupd.backup.database import connect_db
 from mt5backupd.backup.dump import pg_child_env
 from mt5backupd.backup.pgrestore import failure_reason, run_pg_restore
-from mt5backupd.backup.run import connect_db, receiver_client
+from mt5backupd.backup.remote import receiver_client
 from mt5backupd.config import Config, DatabaseConfig, Secret
 from mt5backupd.config.secretfiles import database_password
-from mt5backupd.errors import EXIT_USAGE, ChecksumMismatchError, ConfigError, Mt5BackupError
-from mt5backupd.names import InvalidName, validate_backup_id
+from mt5backupd.errors import EXIT_USAGE, ChecksumMismatchError, Mt5BackupError
+from mt5backupd.ops.listing import local_entries, remote_entries, resolve
 from mt5backupd.pgtext import quote_ident
 
 RESTORE_DIR = ".restore"
-KIND = "database"
 
 
 class RestoreRefused(Mt5BackupError):
     """The command would overwrite something it must not (the source database)."""
 
     exit_code = EXIT_USAGE
-
-
-@dataclass(frozen=True)
-class BackupEntry:
-    """One backup as `list` shows it, from a local manifest or the receiver's record."""
-
-    id: str
-    file: str
-    kind: str
-    size: int
-    sha256: str
-    created: str
-    upload: str  # uploaded | pending | disabled | remote
-    verify: str  # last test-restore result, "" when never verified
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "file": self.file, "kind": self.kind, "size": self.size,
-                "sha256": self.sha256, "created": self.created, "upload": self.upload,
-                "verify": self.verify or None}
-
-
-def local_entries(cfg: Config) -> list[BackupEntry]:
-    return [BackupEntry(m.id, m.file, m.kind, m.size, m.sha256, m.started,
-                        str(m.upload.get("state", "")),
-                        str(m.extra.get("verify", {}).get("result", "")))
-            for m in spool.load_manifests(cfg.local.dir)]
-
-
-async def remote_entries(cfg: Config) -> list[BackupEntry]:
-    client = receiver_client(cfg)
-    if client is None:
-        raise ConfigError("[remote] url is not set: there is no receiver to list")
-    async with client:
-        records = await client.list_backups()
-    entries = []
-    for r in records:
-        try:  # the name becomes a local file name: never trust it blindly
-            name = validate_backup_id(str(r["id"]))
-        except InvalidName:
-            logger.warning("receiver listed an invalid backup id {!r}; ignored", r.get("id"))
-            continue
-        entries.append(BackupEntry(name, name, str(r.get("kind", "")), int(r["size"]),
-                                   str(r["sha256"]), str(r["created"]), "remote", ""))
-    return sorted(entries, key=lambda e: (e.created, e.file))
-
-
-def format_table(entries: list[BackupEntry]) -> str:
-    lines = [f"{'ID':<36} {'KIND':<10} {'SIZE':>10} {'SHA256':<12} {'CREATED':<25} "
-             f"{'UPLOAD':<9} VERIFY"]
-    for e in entries:
-        lines.append(f"{e.id:<36} {e.kind:<10} {e.size / 1e6:>8.1f}MB {e.sha256[:12]:<12} "
-                     f"{e.created[:25]:<25} {e.upload:<9} {e.verify or '-'}")
-    return "\n".join(lines)
-
-
-def pick(entries: list[BackupEntry], ref: str, where: str) -> BackupEntry:
-    """``latest`` or an id / file name, among database backups."""
-    candidates = [e for e in entries if e.kind == KIND]
-    if not candidates:
-        raise Mt5BackupError(f"no database backups {where}")
-    if ref == "latest":
-        return candidates[-1]
-    for e in candidates:
-        if ref in (e.id, e.file) or e.file.startswith(ref + ".dump"):
-            return e
-    raise Mt5BackupError(f"no database backup {ref!r} {where}; newest is {candidates[-1].id!r}")
 
 
 def sha256_file(path: Path) -> str:
@@ -172,7 +106,7 @@ async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local
     t0 = time.monotonic()
     restore_dir = cfg.local.dir / RESTORE_DIR
     if source == "remote":
-        entry = pick(await remote_entries(cfg), ref, "on the receiver")
+        entry = resolve(await remote_entries(cfg), ref, "on the receiver")
         restore_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = restore_dir / entry.file
         client = receiver_client(cfg)
@@ -181,7 +115,7 @@ async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local
             logger.info("downloading {} from the receiver", entry.file)
             await client.download(entry.file, path)
     else:
-        entry = pick(local_entries(cfg), ref, f"in {cfg.local.dir}")
+        entry = resolve(local_entries(cfg), ref, f"in {cfg.local.dir}")
         path = cfg.local.dir / entry.file
         if not path.exists():
             raise Mt5BackupError(f"{path}: backup file missing (its manifest exists)")
@@ -212,7 +146,7 @@ async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local
         if is_zstd_file(path):
             # parallel pg_restore seeks in the archive: give it a plain file
             restore_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            plain = restore_dir / (entry.id + ".dump")
+            plain = restore_dir / (spool.stem_of(entry.id) + ".dump")
             await asyncio.to_thread(_decompress_to, path, plain)
             archive = plain
     t1 = time.monotonic()

@@ -15,15 +15,16 @@ import asyncpg
 from loguru import logger
 
 from mt5backupd.backup import spool
+from mt5backupd.backup.database import connect_db
 from mt5backupd.backup.dump import pg_child_env
 from mt5backupd.backup.pgrestore import failure_reason, list_archive, run_pg_restore
 from mt5backupd.backup.rowcounts import compare, table_key
-from mt5backupd.backup.run import connect_db
 from mt5backupd.backup.runlock import RunLock
 from mt5backupd.config import Config
 from mt5backupd.config.secretfiles import database_password
 from mt5backupd.errors import Mt5BackupError
-from mt5backupd.ops.restore import local_entries, pick, sha256_file
+from mt5backupd.ops.listing import local_entries, resolve
+from mt5backupd.ops.restore import sha256_file
 from mt5backupd.pgtext import quote_ident
 
 SCRATCH_PREFIX = "mt5backupd_verify_"
@@ -76,7 +77,7 @@ async def verify(cfg: Config, ref: str = "latest") -> VerifyOutcome:
     directory = cfg.local.dir
     directory.mkdir(parents=True, exist_ok=True, mode=0o750)
     with RunLock(directory):  # never alongside a backup run (or its rotation)
-        entry = pick(local_entries(cfg), ref, f"in {directory}")
+        entry = resolve(local_entries(cfg), ref, f"in {directory}")
         manifest = next(m for m in spool.load_manifests(directory) if m.id == entry.id)
         outcome = await _verify_locked(cfg, manifest)
         manifest.extra["verify"] = outcome.to_json()

@@ -27,6 +27,7 @@ from mt5backupd.receiver.context import METRICS_KEY, STORAGE_KEY, principal, tar
 from mt5backupd.receiver.noise import short
 from mt5backupd.receiver.ranges import RangeMalformed, RangeNotSatisfiable, parse_range
 from mt5backupd.receiver.storage import BadRequest, TempUpload
+from mt5backupd.records import sidecar_line
 
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 
@@ -140,7 +141,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     raw_id = request.match_info["id"]
     if raw_id.endswith(SIDECAR_SUFFIX):
         record = storage.get(client, raw_id.removesuffix(SIDECAR_SUFFIX))
-        return web.Response(text=f"{record.sha256}  {record.id}\n",
+        return web.Response(text=sidecar_line(record.sha256, record.id),
                             headers={"X-Content-SHA256": record.sha256})
     record, fh = storage.open_data(client, raw_id)
     try:

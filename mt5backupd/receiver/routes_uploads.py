@@ -12,6 +12,7 @@ from mt5backupd.receiver.commits import after_commit
 from mt5backupd.receiver.context import METRICS_KEY, STORAGE_KEY, principal
 from mt5backupd.receiver.ranges import parse_offset
 from mt5backupd.receiver.storage import BadRequest
+from mt5backupd.records import UploadSession
 
 
 async def create_upload(request: web.Request) -> web.Response:
@@ -27,7 +28,7 @@ async def create_upload(request: web.Request) -> web.Response:
     location = f"/api/v1/uploads/{sess.uid}"
     logger.bind(client=sess.client).info("upload {} started for {} ({})", sess.uid, name, kind)
     return web.json_response(
-        {"upload_id": sess.uid, "offset": 0, "url": location},
+        UploadSession(sess.uid, 0, location).to_json(),
         status=201,
         headers={"Location": location, "Upload-Offset": "0"},
     )
