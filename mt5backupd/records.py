@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from mt5backupd.names import InvalidName, is_sha256_hex, validate_backup_id, validate_upload_id
+from mt5backupd.names import (
+    InvalidName,
+    is_sha256_hex,
+    validate_backup_id,
+    validate_kind,
+    validate_upload_id,
+)
 
 
 class InvalidRecord(ValueError):
@@ -75,15 +81,22 @@ class BackupRecord:
             raise InvalidRecord(f"{what}: sha256 is not 64 lowercase hex digits")
         created = _field(data, "created", str, what)
         try:
-            datetime.fromisoformat(created)
+            created_at = datetime.fromisoformat(created)
         except ValueError:
             raise InvalidRecord(f"{what}: created is not an ISO 8601 time") from None
+        if created_at.tzinfo is None:
+            raise InvalidRecord(f"{what}: created has no time zone")
+        kind = _field(data, "kind", str, what)
+        try:
+            validate_kind(kind)
+        except InvalidName as exc:
+            raise InvalidRecord(f"{what}: invalid kind: {exc}") from None
         metadata = data.get("metadata")
         metadata = {} if metadata is None else metadata
         if not isinstance(metadata, dict):
             raise InvalidRecord(f"{what}: metadata is not a JSON object")
         return cls(id=backup_id, client=_field(data, "client", str, what),
-                   name=_field(data, "name", str, what), kind=_field(data, "kind", str, what),
+                   name=_field(data, "name", str, what), kind=kind,
                    size=size, sha256=sha256, created=created, metadata=metadata)
 
     def is_same(self, backup_id: str, sha256: str, size: int) -> bool:

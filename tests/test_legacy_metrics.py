@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mt5backupd import runstate as state
 from mt5backupd.backup import spool
 from mt5backupd.backup.upload_state import UploadState
 from mt5backupd.config import load_config
-from mt5backupd.daemon import state
 from mt5backupd.daemon.metrics import LegacyValues, legacy_values
 from mt5backupd.errors import ConfigError
 from mt5backupd.testkit.pghost import free_port

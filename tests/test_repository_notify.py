@@ -15,9 +15,9 @@ import pytest
 import zstandard
 from aiohttp import web
 
+from mt5backupd import runstate as state
 from mt5backupd.backup.archive import check_tar, is_excluded
 from mt5backupd.config import NotifyConfig, RepositoryConfig
-from mt5backupd.daemon import state
 from mt5backupd.daemon.jobs import DAEMON_JOBS, run_repository_now
 from mt5backupd.daemon.service import Daemon
 from mt5backupd.errors import ArchiveUnreadableError

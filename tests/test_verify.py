@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from mt5backupd import runstate as state
 from mt5backupd.backup import spool
 from mt5backupd.backup.rowcounts import compare
 from mt5backupd.backup.run import run_backup
-from mt5backupd.daemon import state
 from mt5backupd.daemon.jobs import run_verify
 from mt5backupd.ops.verify import SCRATCH_PREFIX
 from mt5backupd.testkit.dbcontent import table_row_counts

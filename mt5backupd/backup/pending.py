@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from loguru import logger
 
+from mt5backupd import runstate as state
 from mt5backupd.backup import spool
 from mt5backupd.backup.remote import (
     find_remote,
@@ -27,7 +28,6 @@ from mt5backupd.backup.upload import (
 )
 from mt5backupd.backup.upload_state import UploadState
 from mt5backupd.config import Config
-from mt5backupd.daemon import state
 from mt5backupd.errors import ConfigError, Mt5BackupError, UploadPendingError
 
 UPLOADED, RETRY_LATER, REJECTED = "uploaded", "retry-later", "rejected"

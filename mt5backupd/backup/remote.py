@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from mt5backupd import runstate as state
 from mt5backupd.backup import spool, upload_journal
 from mt5backupd.backup.upload import (
     ReceiverAuthError,
@@ -20,7 +21,6 @@ from mt5backupd.backup.upload import (
 )
 from mt5backupd.config import Config, is_plain_http_remote
 from mt5backupd.config.secretfiles import remote_token
-from mt5backupd.daemon import state
 from mt5backupd.errors import ConfigError, Mt5BackupError
 from mt5backupd.records import BackupRecord, find_same
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from mt5backupd import runstate as state
 from mt5backupd.backup import spool
 from mt5backupd.backup.database import check_database_names, database_spec
 from mt5backupd.backup.pending import upload_pending
@@ -54,7 +55,6 @@ from mt5backupd.backup.upload import (
 from mt5backupd.backup.upload_state import UploadState
 from mt5backupd.config import Config
 from mt5backupd.config.secretfiles import check_pgpass, database_password
-from mt5backupd.daemon import state
 from mt5backupd.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,

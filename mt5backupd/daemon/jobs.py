@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from mt5backupd import runstate as state
 from mt5backupd.backup.pending import pending_command
 from mt5backupd.backup.result import BackupResult
 from mt5backupd.backup.run import run_backup, run_repository
 from mt5backupd.config import Config
-from mt5backupd.daemon import state, textfile
+from mt5backupd.daemon import textfile
 from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError
 from mt5backupd.ops.verify import VerifyOutcome, verify
 

@@ -19,8 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from mt5backupd import __version__
+from mt5backupd import runstate as state
 from mt5backupd.backup import spool
-from mt5backupd.daemon import state
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 

@@ -24,10 +24,10 @@ from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mt5backupd import __version__
+from mt5backupd import runstate as state
 from mt5backupd.backup import spool
 from mt5backupd.config import Config, load_config
 from mt5backupd.config.secretfiles import check_pgpass, database_password, remote_token
-from mt5backupd.daemon import state
 from mt5backupd.daemon.health import HealthInput, evaluate
 from mt5backupd.daemon.jobs import JobOutcome
 from mt5backupd.daemon.metrics import LiveState, make_registry

@@ -4,39 +4,24 @@ ours, and the data opened safely. Nothing here writes."""
 from __future__ import annotations
 
 import os
-from datetime import datetime
 from typing import Any, BinaryIO
 
-from mt5backupd.names import InvalidName, is_sha256_hex, validate_client_name, validate_kind
+from mt5backupd.names import InvalidName, validate_client_name
 from mt5backupd.receiver.storage.errors import BadEntry, InvalidId, NotFound
 from mt5backupd.receiver.storage.layout import Layout, open_regular, read_small_json, real_subdirs
-from mt5backupd.records import BackupRecord
+from mt5backupd.records import BackupRecord, InvalidRecord
 
 
 def record_from_json(data: Any, client: str, backup_id: str) -> BackupRecord:
-    """Check a meta.json against its place: a record that names another backup or another
-    client (copied or planted) is foreign, and one with impossible fields is corrupt."""
-    if not isinstance(data, dict):
-        raise BadEntry("record is not a JSON object")
-    if data.get("id") != backup_id or data.get("client") != client:
-        raise BadEntry("record names another backup or client")
-    size, sha256, metadata = data.get("size"), data.get("sha256"), data.get("metadata") or {}
-    if (not isinstance(size, int) or isinstance(size, bool) or size < 0
-            or not isinstance(sha256, str) or not is_sha256_hex(sha256)
-            or not isinstance(data.get("name"), str) or not isinstance(data.get("created"), str)
-            or not isinstance(data.get("kind"), str) or not isinstance(metadata, dict)):
-        raise BadEntry("record has missing or invalid fields")
+    """Check a meta.json against the wire rules and against its place: a record that names
+    another backup or another client (copied or planted) is foreign."""
     try:
-        validate_kind(data["kind"])
-        created = datetime.fromisoformat(data["created"])
-    except (InvalidName, ValueError):
-        raise BadEntry("record has an invalid kind or created time") from None
-    if created.tzinfo is None:
-        raise BadEntry("record has a created time without a zone")
-    return BackupRecord(
-        id=backup_id, client=client, name=data["name"], kind=data["kind"], size=size,
-        sha256=sha256, created=data["created"], metadata=metadata,
-    )
+        record = BackupRecord.from_json(data)
+    except InvalidRecord as exc:
+        raise BadEntry(f"record is corrupt: {exc}") from None
+    if record.id != backup_id or record.client != client:
+        raise BadEntry("record names another backup or client")
+    return record
 
 
 class Records:
