@@ -9,14 +9,26 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from loguru import logger
 
 if TYPE_CHECKING:
     from loguru import Record
 
-    from mt5backupd.config import LogConfig
+
+class LogSettings(Protocol):
+    """What logging needs of ``[log]`` (config's LogConfig has it): a protocol, so this leaf
+    imports nothing of the config package above it."""
+
+    @property
+    def dir(self) -> Path | None: ...
+    @property
+    def level(self) -> str: ...
+    @property
+    def rotation_bytes(self) -> int: ...
+    @property
+    def retention_files(self) -> int: ...
 
 _secrets: set[str] = set()
 MASK = "***"
@@ -63,7 +75,7 @@ def _human(record: Record) -> str:
         "{message}\n{exception}"
 
 
-def setup_logging(cfg: LogConfig | None, component: str, *, verbose: bool = False) -> None:
+def setup_logging(cfg: LogSettings | None, component: str, *, verbose: bool = False) -> None:
     """Configure sinks once per process. ``component`` names the process (backup, receiver, ...)."""
     logger.remove()
     logger.configure(extra={"component": component}, patcher=_patch)
