@@ -10,9 +10,6 @@ the metrics of a backup must never fail the backup.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
 from pathlib import Path
 
 from loguru import logger
@@ -20,7 +17,7 @@ from prometheus_client import generate_latest
 
 from mt5backupd.config import Config
 from mt5backupd.daemon.metrics import textfile_registry
-from mt5backupd.fsutil import fsync_dir
+from mt5backupd.fsutil import atomic_write_bytes
 
 # node_exporter runs as its own user: the file must be readable by others. Set with fchmod,
 # because the daemon's umask (0077 in its unit) would strip the bits from os.open's mode.
@@ -33,24 +30,8 @@ def render(directory: Path) -> bytes:
 
 
 def replace_file(path: Path, data: bytes, mode: int = TEXTFILE_MODE) -> None:
-    """Write ``data`` to ``path`` atomically, with exactly ``mode``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+    """Write ``data`` to ``path`` atomically, with exactly ``mode`` (node_exporter must read it)."""
+    atomic_write_bytes(path, data, mode)
 
 
 def update(cfg: Config) -> None:
