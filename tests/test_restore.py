@@ -16,8 +16,7 @@ from mt5backupd.config import parse_compression
 from mt5backupd.errors import EXIT_USAGE, EXIT_VERIFY, VerifyError
 from mt5backupd.ops.restore import RestoreRefused, local_entries, remote_entries, restore
 from mt5backupd.testkit.dbcontent import table_checksums, table_row_counts
-from tests.backup_fixtures import BackupSetup
-from tests.test_backup import config_toml
+from tests.backup_fixtures import BackupSetup, config_toml
 
 
 async def same_contents(setup: BackupSetup, copy: str) -> None:
