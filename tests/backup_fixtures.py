@@ -12,7 +12,7 @@ import pytest
 
 from mt5backupd.config import Config, DatabaseConfig, LocalConfig, RemoteConfig
 from mt5backupd.testkit.pgcluster import PgCluster
-from tests.conftest import Receiver
+from tests.receiver_harness import Receiver
 
 
 @dataclass
@@ -57,3 +57,13 @@ async def backup_setup(pg_cluster: PgCluster, sample_db: str, receiver: Receiver
                             max_retries=5, timeout_s=10.0),
     )
     yield BackupSetup(pg_cluster, sample_db, cfg, receiver, token_file)
+
+
+def config_toml(setup: BackupSetup) -> str:
+    db = setup.cfg.database
+    return (
+        f'[database]\nhost = "{db.host}"\nport = {db.port}\nuser = "{db.user}"\n'
+        f'dbname = "{db.dbname}"\npg_dump = "{db.pg_dump}"\npg_restore = "{db.pg_restore}"\n'
+        f'[local]\ndir = "{setup.cfg.local.dir}"\n'
+        f'[remote]\nurl = "{setup.receiver.url}"\ntoken_file = "{setup.token_file}"\n'
+    )

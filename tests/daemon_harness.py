@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
+import secrets
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +18,11 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from mt5backupd.testkit.pghost import free_port
 from tests.backup_fixtures import BackupSetup
+from tests.waits import wait_until
+
+# A systemd notify socket or watchdog of whatever runs the tests must not reach the daemon.
+_DROPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 def daemon_toml(setup: BackupSetup, *, database: str, extra: str = "",
@@ -38,43 +45,84 @@ def daemon_toml(setup: BackupSetup, *, database: str, extra: str = "",
     )
 
 
+_URL_RE = re.compile(r"metrics on (https?://\S+?)/metrics")
+
+
 @dataclass
 class DaemonProcess:
+    """One ``mt5backupd run`` process. Its config listens on port 0; the daemon reports the port
+    it bound the way it reports to systemd (``READY=1`` with ``STATUS=... metrics on URL``), to
+    a private notify socket this harness reads. Every notification is kept in ``notifications``
+    (tests of the systemd protocol wait on them)."""
+
     config_path: Path
-    port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)
     proc: asyncio.subprocess.Process | None = None
     log_path: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    url: str = ""
+    notifications: list[str] = field(default_factory=list)
+    _notify: socket.socket | None = None
+    _reader: asyncio.Task[None] | None = None
 
     def write_config(self, text: str) -> None:
-        """Write the daemon's config, listening on this harness's port."""
-        self.config_path.write_text(
-            text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{self.port}"'))
+        self.config_path.write_text(text)
+
+    def bound_config(self, path: Path) -> Path:
+        """A copy of the config at ``path`` naming the port the daemon bound, as an operator's
+        config would (for other commands that reach the daemon, like ``mt5backupd check``)."""
+        listen = self.url.removeprefix("http://")
+        path.write_text(self.config_path.read_text().replace(
+            'listen = "127.0.0.1:0"', f'listen = "{listen}"'))
+        return path
 
     async def start(self, timeout_s: float = 20.0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "MT5BACKUPD"))}
+        """Start the daemon; return once it reported READY=1 (with its URL) and /status answers."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PG", "MT5BACKUPD")) and k not in _DROPPED_ENV}
         env.update(self.env)
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        name = f"mt5backupd-test-daemon-{secrets.token_hex(8)}"
+        self._notify.bind(b"\0" + name.encode())
+        self._notify.setblocking(False)
+        env["NOTIFY_SOCKET"] = "@" + name
+        self.notifications = []
+        self.url = ""
+        self._reader = asyncio.create_task(self._read_notifications(self._notify))
         self.log_path = self.config_path.with_suffix(".log")
-        log = self.log_path.open("ab")
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mt5backupd", "run", "--config", str(self.config_path),
-            stdout=log, stderr=log, env=env, start_new_session=True)
-        log.close()
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log()[-3000:]}")
-            try:
-                await self.get("/status")
-                return
-            except (aiohttp.ClientError, OSError):
-                await asyncio.sleep(0.1)
-        await self.stop()  # never leave a daemon behind a failed test
-        raise RuntimeError(f"daemon not up: {self.log()[-3000:]}")
+        with self.log_path.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mt5backupd", "run", "--config", str(self.config_path),
+                stdout=log, stderr=log, env=env, start_new_session=True)
+        try:
+            await wait_until(self._ready, timeout_s, "the daemon's READY=1 with its URL")
+            await wait_until(self._answers, timeout_s, "the daemon's /status")
+        except BaseException:
+            await self.stop()  # never leave a daemon behind a failed test
+            raise
+
+    async def _read_notifications(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.notifications.append((await loop.sock_recv(sock, 4096)).decode())
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.returncode is not None:
+            raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log()[-3000:]}")
+        for message in self.notifications:
+            lines = message.split("\n")
+            match = _URL_RE.search(message) if "READY=1" in lines else None
+            if match:
+                self.url = match.group(1)
+                return True
+        return False
+
+    async def _answers(self) -> bool:
+        try:
+            await self.get("/status")
+            return True
+        except (aiohttp.ClientError, OSError):
+            return False
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
@@ -111,3 +159,14 @@ class DaemonProcess:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+        await self._close_notify()
+
+    async def _close_notify(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None

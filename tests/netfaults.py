@@ -1,10 +1,25 @@
-"""A TCP proxy on loopback that throttles the client->server direction (a slow WAN link)."""
+"""Network faults on loopback: a port where nothing listens (a server that is down), and a TCP
+proxy that throttles the client->server direction (a slow WAN link)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port where nothing listens: connections are refused (a receiver, database or
+    daemon that is down). The port stays bound, not listening, for the whole test, so no other
+    process can take it meanwhile as it could a port picked and released in advance."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
 
 
 class ThrottledProxy:

@@ -51,3 +51,12 @@ def live_processes_mentioning(text: str) -> list[int]:
         if text in cmdline and stat[stat.rfind(")") + 2] not in "ZX":
             pids.append(int(entry.name))
     return pids
+
+
+def process_gone(pid: int) -> bool:
+    """Gone or a zombie (dead; this container's PID 1 does not always reap orphans)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"

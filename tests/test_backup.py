@@ -22,18 +22,10 @@ from mt5backupd.config import Config, parse_compression
 from mt5backupd.errors import EXIT_OK, EXIT_PENDING, ConfigError
 from mt5backupd.testkit.dbcontent import table_checksums, table_row_counts
 from mt5backupd.testkit.pgcluster import PgCluster
-from mt5backupd.testkit.pghost import free_port
 from mt5backupd.testkit.sampledata import generate
-from tests.backup_fixtures import BackupSetup, database_config, write_token
-
-
-def process_gone(pid: int) -> bool:
-    """Gone or a zombie (dead; this container's PID 1 does not always reap orphans)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+from tests.backup_fixtures import BackupSetup, config_toml, database_config, write_token
+from tests.pg_fixtures import process_gone
+from tests.waits import wait_until
 
 
 def sha_file(path: Path) -> str:
@@ -114,7 +106,7 @@ async def test_backup_verified_everywhere_and_restores(backup_setup: BackupSetup
 async def test_server_killed_mid_dump_leaves_nothing(receiver: object, tmp_path: Path) -> None:
     """PostgreSQL killed while pg_dump streams: the run fails, nothing has a final name locally,
     the remote session is aborted and nothing is listed remotely."""
-    from tests.conftest import Receiver
+    from tests.receiver_harness import Receiver
 
     assert isinstance(receiver, Receiver)
     with PgCluster.create(tmp_path / "pgkill") as pg:
@@ -132,13 +124,14 @@ async def test_server_killed_mid_dump_leaves_nothing(receiver: object, tmp_path:
                      local=cfg.local, remote=cfg.remote)
         partial_dir = cfg.local.dir / spool.PARTIAL_DIR
 
+        def dumped_2_mib() -> bool:
+            files = list(partial_dir.glob("*")) if partial_dir.exists() else []
+            return bool(files) and files[0].stat().st_size > 2 * 1024 * 1024
+
         async def killer() -> None:
-            while True:
-                files = list(partial_dir.glob("*")) if partial_dir.exists() else []
-                if files and files[0].stat().st_size > 2 * 1024 * 1024:
-                    await asyncio.to_thread(pg.kill)
-                    return
-                await asyncio.sleep(0.005)
+            # polled often: the dump of 60 MB must still be streaming when the server dies
+            await wait_until(dumped_2_mib, 120, "2 MiB dumped", poll_s=0.005)
+            await asyncio.to_thread(pg.kill)
 
         kill_task = asyncio.create_task(killer())
         result = await run_backup(cfg)
@@ -155,11 +148,12 @@ async def test_server_killed_mid_dump_leaves_nothing(receiver: object, tmp_path:
     assert leftovers == []
 
 
-async def test_receiver_down_then_upload_pending(backup_setup: BackupSetup) -> None:
+async def test_receiver_down_then_upload_pending(backup_setup: BackupSetup,
+                                                 dead_port: int) -> None:
     """Receiver unreachable at start: local backup kept as pending with exit 3; once the
     receiver is back, upload-pending commits it (and a later run would do the same first)."""
 
-    down_url = f"http://127.0.0.1:{free_port()}"
+    down_url = f"http://127.0.0.1:{dead_port}"
     cfg = backup_setup.with_(remote={"url": down_url})
     result = await run_backup(cfg)
     assert result.ok
@@ -176,11 +170,11 @@ async def test_receiver_down_then_upload_pending(backup_setup: BackupSetup) -> N
     assert remote[result.file.name]["sha256"] == result.sha256
 
 
-async def test_abort_policy_takes_no_backup(backup_setup: BackupSetup) -> None:
+async def test_abort_policy_takes_no_backup(backup_setup: BackupSetup, dead_port: int) -> None:
     """on_unavailable = "abort" (the legacy behaviour) fails before dumping."""
     from mt5backupd.errors import Mt5BackupError
 
-    cfg = backup_setup.with_(remote={"url": f"http://127.0.0.1:{free_port()}",
+    cfg = backup_setup.with_(remote={"url": f"http://127.0.0.1:{dead_port}",
                                      "on_unavailable": "abort"})
     with pytest.raises(Mt5BackupError, match="on_unavailable = abort"):
         await run_backup(cfg)
@@ -262,18 +256,16 @@ async def test_stalled_pg_dump_is_killed_with_its_group(backup_setup: BackupSetu
     assert not result.ok
     assert "no output for 1 s" in result.error
     child = int(marker.read_text())
-    for _ in range(50):  # the grandchild got the group's signal too
-        if process_gone(child):
-            break
-        await asyncio.sleep(0.1)
-    assert process_gone(child)
+    # the grandchild got the group's signal too
+    await wait_until(lambda: process_gone(child), 5, f"pg_dump's grandchild {child} to exit")
     assert final_files(cfg.local.dir) == []
 
 
-async def test_rotation_keeps_newest_and_pending(backup_setup: BackupSetup) -> None:
+async def test_rotation_keeps_newest_and_pending(backup_setup: BackupSetup,
+                                                 dead_port: int) -> None:
     """keep=2 leaves the two newest; a pending backup is never rotated away."""
 
-    pending = await run_backup(backup_setup.with_(remote={"url": f"http://127.0.0.1:{free_port()}"}))
+    pending = await run_backup(backup_setup.with_(remote={"url": f"http://127.0.0.1:{dead_port}"}))
     assert pending.upload_state == "pending"
     ids = []
     for _ in range(3):
@@ -286,10 +278,11 @@ async def test_rotation_keeps_newest_and_pending(backup_setup: BackupSetup) -> N
     assert len(set(ids)) == 3  # same-second runs get distinct ids
 
 
-async def test_pending_backup_survives_rotation(backup_setup: BackupSetup) -> None:
+async def test_pending_backup_survives_rotation(backup_setup: BackupSetup,
+                                                dead_port: int) -> None:
     """While the receiver stays down, rotation never deletes a pending (only) copy."""
 
-    down = backup_setup.with_(remote={"url": f"http://127.0.0.1:{free_port()}"},
+    down = backup_setup.with_(remote={"url": f"http://127.0.0.1:{dead_port}"},
                               local={"keep": 1})
     ids = [(await run_backup(down)).id for _ in range(3)]
     remaining = [m.id for m in spool.load_manifests(backup_setup.cfg.local.dir)]
@@ -317,7 +310,7 @@ def test_lock_held_refuses_second_run(backup_setup: BackupSetup, tmp_path: Path)
         [sys.executable, "-c",
          "import sys,time; from pathlib import Path; from mt5backupd.backup.runlock import RunLock;"
          f"l=RunLock(Path({str(backup_setup.cfg.local.dir)!r})); l.acquire();"
-         "print('held', flush=True); time.sleep(30)"],
+         "print('held', flush=True); time.sleep(30)"],  # holds the lock until killed
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None
@@ -331,16 +324,6 @@ def test_lock_held_refuses_second_run(backup_setup: BackupSetup, tmp_path: Path)
     finally:
         holder.kill()
         holder.wait()
-
-
-def config_toml(setup: BackupSetup) -> str:
-    db = setup.cfg.database
-    return (
-        f'[database]\nhost = "{db.host}"\nport = {db.port}\nuser = "{db.user}"\n'
-        f'dbname = "{db.dbname}"\npg_dump = "{db.pg_dump}"\npg_restore = "{db.pg_restore}"\n'
-        f'[local]\ndir = "{setup.cfg.local.dir}"\n'
-        f'[remote]\nurl = "{setup.receiver.url}"\ntoken_file = "{setup.token_file}"\n'
-    )
 
 
 async def test_cli_run_now_json_and_legacy_env_file(backup_setup: BackupSetup,
@@ -380,13 +363,14 @@ async def test_cli_run_now_json_and_legacy_env_file(backup_setup: BackupSetup,
     assert any(f.endswith(".dump.zst") for f in files)
 
 
-async def test_upload_pending_resumes_recorded_session(backup_setup: BackupSetup) -> None:
+async def test_upload_pending_resumes_recorded_session(backup_setup: BackupSetup,
+                                                       dead_port: int) -> None:
     """A pending backup whose session already holds part of the file is continued from the
     receiver's offset, not sent again from zero."""
     from mt5backupd.backup.upload import ReceiverClient
     from mt5backupd.config import Secret
 
-    result = await run_backup(backup_setup.with_(remote={"url": f"http://127.0.0.1:{free_port()}"}))
+    result = await run_backup(backup_setup.with_(remote={"url": f"http://127.0.0.1:{dead_port}"}))
     assert result.upload_state == "pending"
     assert result.file is not None
     data = result.file.read_bytes()

@@ -19,9 +19,10 @@ from mt5backupd.testkit.pgcluster import PgCluster
 from mt5backupd.testkit.receiverproc import ReceiverProcess
 from mt5backupd.testkit.sampledata import generate
 from tests.backup_fixtures import BackupSetup, database_config, write_token
+from tests.diskfaults import small_tmpfs
 from tests.netfaults import ThrottledProxy
 from tests.receiver_harness import TokenSet
-from tests.test_receiver_faults import small_tmpfs
+from tests.waits import wait_until
 
 
 @pytest.fixture
@@ -54,16 +55,23 @@ async def test_receiver_killed_mid_upload_resumes(
     )
     partial_root = proc.data_dir / "partial"
 
+    def partial_files() -> list[Path]:
+        return list(partial_root.rglob("*.data")) if partial_root.exists() else []
+
+    def uploaded_4_mib() -> bool:
+        files = partial_files()
+        return bool(files) and files[0].stat().st_size > 4 * 1024 * 1024
+
     async def kill_and_restart() -> int:
-        while True:
-            files = list(partial_root.rglob("*.data")) if partial_root.exists() else []
-            if files and files[0].stat().st_size > 4 * 1024 * 1024:
-                proc.kill9()
-                await asyncio.sleep(0.5)
-                offset_on_disk = files[0].stat().st_size
-                await asyncio.to_thread(proc.start)
-                return offset_on_disk
-            await asyncio.sleep(0.01)
+        await wait_until(uploaded_4_mib, 120, "4 MiB uploaded", poll_s=0.01)
+        files = partial_files()
+        proc.kill9()
+        # the receiver stays down a while (the outage under test): the client's upload fails
+        # and has to retry, then resume from what landed on disk
+        await asyncio.sleep(0.5)
+        offset_on_disk = files[0].stat().st_size
+        await asyncio.to_thread(proc.start)
+        return offset_on_disk
 
     killer = asyncio.create_task(kill_and_restart())
     try:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from mt5backupd.ops.checks import Check, run_checks
-from mt5backupd.testkit.pghost import free_port
 from tests.backup_fixtures import BackupSetup, write_token
 from tests.daemon_harness import DaemonProcess, daemon_toml
 
@@ -27,7 +26,7 @@ async def test_check_all_up_exits_zero(backup_setup: BackupSetup, tmp_path: Path
     try:
         run = await asyncio.to_thread(subprocess.run, [
             sys.executable, "-m", "mt5backupd", "check", "--json", "--config",
-            str(daemon.config_path)], capture_output=True, text=True)
+            str(daemon.bound_config(tmp_path / "check.toml"))], capture_output=True, text=True)
     finally:
         await daemon.stop()
     report = json.loads(run.stdout)
@@ -37,17 +36,18 @@ async def test_check_all_up_exits_zero(backup_setup: BackupSetup, tmp_path: Path
             "receiver health", "token", "token file", "daemon"} <= names
 
 
-async def test_check_names_each_failure(backup_setup: BackupSetup, tmp_path: Path) -> None:
+async def test_check_names_each_failure(backup_setup: BackupSetup, tmp_path: Path,
+                                        dead_port: int) -> None:
     """Receiver down, bad token, database down, unwritable backup dir and a world-readable
     token file each fail their own check, with a fix; the CLI exits 6."""
     base = backup_setup
-    down = failed(await run_checks(base.with_(remote={"url": f"http://127.0.0.1:{free_port()}"})))
+    down = failed(await run_checks(base.with_(remote={"url": f"http://127.0.0.1:{dead_port}"})))
     assert "receiver health" in down
 
     bad = write_token(tmp_path / "bad", "mt5b_wrong")
     assert "token" in failed(await run_checks(base.with_(remote={"token_file": bad})))
 
-    no_db = failed(await run_checks(base.with_(database={"port": free_port()})))
+    no_db = failed(await run_checks(base.with_(database={"port": dead_port})))
     assert "database connection" in no_db
 
     blocker = tmp_path / "a-file"
@@ -62,7 +62,7 @@ async def test_check_names_each_failure(backup_setup: BackupSetup, tmp_path: Pat
     os.chmod(base.token_file, 0o600)
 
     toml = tmp_path / "c.toml"
-    toml.write_text(daemon_toml(base, database="0 3 * * *", port=free_port()))
+    toml.write_text(daemon_toml(base, database="0 3 * * *", port=dead_port))
     run = await asyncio.to_thread(subprocess.run, [
         sys.executable, "-m", "mt5backupd", "check", "--config", str(toml)],
         capture_output=True, text=True)

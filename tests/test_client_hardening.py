@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -27,9 +26,9 @@ from mt5backupd.errors import ConfigError
 from mt5backupd.receiver.auth import TokenStore
 from mt5backupd.receiver.metrics import ReceiverMetrics
 from mt5backupd.receiver.server import start_receiver
-from tests.backup_fixtures import BackupSetup, write_token
+from tests.backup_fixtures import BackupSetup, config_toml, write_token
 from tests.receiver_harness import make_tokens, receiver_config
-from tests.test_backup import config_toml
+from tests.waits import wait_until
 
 CLI = [sys.executable, "-m", "mt5backupd"]
 
@@ -52,15 +51,6 @@ def marker_script(path: Path, marker: Path) -> Path:
     path.write_text(f"#!/bin/sh\ntouch {marker}\nexit 0\n")
     path.chmod(0o755)
     return path
-
-
-def wait_for(condition: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def metric_values(registry_text: bytes) -> dict[str, float]:
@@ -383,9 +373,8 @@ async def test_kill_9_mid_upload_next_run_aborts_orphaned_session(
         *CLI, "--run-now", "--config", str(killed), env=clean_env(),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
-        await asyncio.to_thread(wait_for, lambda: bool(upload_journal.load(backups))
-                                and bool(partials()) and spooled(), 60.0,
-                                "the upload in flight")
+        await wait_until(lambda: bool(upload_journal.load(backups))
+                         and bool(partials()) and spooled(), 60.0, "the upload in flight")
     finally:
         proc.kill()  # SIGKILL: no cleanup of any kind
         await proc.wait()

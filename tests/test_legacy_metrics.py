@@ -29,9 +29,9 @@ from mt5backupd.backup.upload_state import UploadState
 from mt5backupd.config import load_config
 from mt5backupd.daemon.metrics import LegacyValues, legacy_values
 from mt5backupd.errors import ConfigError
-from mt5backupd.testkit.pghost import free_port
 from tests.backup_fixtures import BackupSetup
 from tests.daemon_harness import DaemonProcess, daemon_toml
+from tests.waits import wait_until
 
 LEGACY = ("mt5_backup_status", "mt5_backup_db_size_bytes", "mt5_backup_repo_size_bytes",
           "mt5_backup_duration_seconds", "mt5_backup_last_timestamp")
@@ -167,17 +167,19 @@ def test_legacy_values(records: dict[str, Any], manifests: list[spool.Manifest],
 
 
 async def wait_for_legacy(daemon: DaemonProcess, timeout_s: float) -> Samples:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        samples = await daemon.metrics()
-        if any(name == "mt5_backup_status" for name, _labels in samples):
-            return samples
-        await asyncio.sleep(0.1)
-    raise AssertionError("legacy series did not appear after the reload")
+    scrapes: list[Samples] = []
+
+    async def legacy_series() -> bool:
+        scrapes.append(await daemon.metrics())
+        return any(name == "mt5_backup_status" for name, _labels in scrapes[-1])
+
+    await wait_until(legacy_series, timeout_s, "the legacy series after the reload")
+    return scrapes[-1]
 
 
 async def test_legacy_series_on_daemon_metrics(backup_setup: BackupSetup, tmp_path: Path,
-                                               daemons: list[DaemonProcess]) -> None:
+                                               daemons: list[DaemonProcess],
+                                               dead_port: int) -> None:
     """Off by default; with legacy_metrics on (applied by SIGHUP) /metrics carries the five
     legacy series with the old meaning for runs made by --run-now in other processes: status of
     the last database run (a pending upload is 0), sizes of the newest backup files, the last
@@ -231,7 +233,7 @@ async def test_legacy_series_on_daemon_metrics(backup_setup: BackupSetup, tmp_pa
     # a backup kept locally with its upload pending (receiver down): 0, as an upload failure
     # was in the legacy system; the size is the new file's
     down = tmp_path / "down.toml"
-    down.write_text(base.replace(backup_setup.receiver.url, f"http://127.0.0.1:{free_port()}"))
+    down.write_text(base.replace(backup_setup.receiver.url, f"http://127.0.0.1:{dead_port}"))
     code, err = await run_now(down)
     assert code == 3, err
     legacy = legacy_of(await daemon.metrics())
@@ -317,10 +319,7 @@ async def test_daemon_runs_write_textfile(backup_setup: BackupSetup, tmp_path: P
     daemon.write_config(daemon_toml(backup_setup, database="*/2 * * * * *")
                         + f'[metrics]\ntextfile = "{textfile}"\n')
     await daemon.start()
-    deadline = asyncio.get_running_loop().time() + 30
-    while not textfile.exists():
-        assert asyncio.get_running_loop().time() < deadline, "no textfile after a daemon run"
-        await asyncio.sleep(0.1)
+    await wait_until(textfile.exists, 30, "the textfile after a daemon run")
     await daemon.stop()  # no further run may rewrite the file while it is checked
     samples = parse(textfile.read_text())
     assert samples[("mt5backup_runs_total", (("job", "database"), ("result", "success")))] >= 1

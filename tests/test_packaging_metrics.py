@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mt5backupd.daemon.metrics import LiveState, make_registry
-from tests.conftest import Receiver
+from tests.receiver_harness import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "packaging" / "prometheus"

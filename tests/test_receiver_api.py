@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Receiver
+from tests.receiver_harness import Receiver
 
 
 def sha(data: bytes) -> str:

@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import shutil
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -19,8 +17,9 @@ from mt5backupd.receiver.auth import TokenStore
 from mt5backupd.receiver.context import STORAGE_KEY
 from mt5backupd.receiver.server import start_receiver
 from mt5backupd.testkit.receiverproc import ReceiverProcess
-from tests.conftest import Receiver
-from tests.receiver_harness import TokenSet, make_tokens, receiver_config
+from tests.diskfaults import small_tmpfs
+from tests.receiver_harness import Receiver, TokenSet, make_tokens, receiver_config
+from tests.waits import wait_until
 
 
 def sha(data: bytes) -> str:
@@ -50,6 +49,8 @@ async def test_kill9_mid_upload_then_resume_after_restart(
                 sent += step
                 if sent >= 10 * step:
                     proc.kill9()  # really kill the server while the body is in flight
+                    # the server stays dead a moment while the client goes on sending, so the
+                    # next chunk meets the reset (a crash mid-body is the behaviour under test)
                     await asyncio.sleep(0.2)
 
         with pytest.raises(aiohttp.ClientError):
@@ -88,9 +89,17 @@ async def test_client_disconnect_keeps_received_bytes(receiver: Receiver) -> Non
             f"Content-Length: {len(data)}\r\n\r\n")
     writer.write(head.encode() + data[: 3 * 1024 * 1024])
     await writer.drain()
-    await asyncio.sleep(0.3)
+    landed = receiver.cfg.data_dir / "partial" / "alice" / f"{uid}.data"
+    await wait_until(lambda: landed.exists() and landed.stat().st_size > 0, 10,
+                     "the first bytes of the body on the receiver's disk")
     writer.transport.abort()  # really close the socket mid-stream
-    await asyncio.sleep(0.3)
+
+    def body_handled() -> bool:
+        in_flight = receiver.metrics.registry.get_sample_value(
+            "mt5backup_receiver_uploads_in_flight")
+        return in_flight == 0
+
+    await wait_until(body_handled, 10, "the receiver to finish with the dropped body")
     async with aiohttp.ClientSession() as http:
         async with http.head(f"{receiver.url}/api/v1/uploads/{uid}", headers=h) as resp:
             offset = int(resp.headers["Upload-Offset"])
@@ -101,21 +110,6 @@ async def test_client_disconnect_keeps_received_bytes(receiver: Receiver) -> Non
         async with http.post(f"{receiver.url}/api/v1/uploads/{uid}/commit",
                              json={"sha256": sha(data), "size": len(data)}, headers=h) as resp:
             assert resp.status == 201
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size_bytes: int) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root; this run is not root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs",
-                             str(path)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {result.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 async def test_disk_full_is_507_and_leaves_nothing(tmp_path: Path) -> None:
@@ -254,7 +248,7 @@ async def test_partial_expiry_and_restart_rehash(tmp_path: Path) -> None:
     running = await start_receiver(cfg, TokenStore(cfg.tokens_file))  # a "restart"
     try:
         # The expiry task runs at start-up; calling it again must find nothing more to do.
-        await asyncio.sleep(0.1)
+        await wait_until(lambda: not idle_data.exists(), 10, "the start-up expiry")
         assert running.app[STORAGE_KEY].expire_partials() == 0
         assert not idle_data.exists()
         async with aiohttp.ClientSession() as http:

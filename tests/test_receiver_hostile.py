@@ -11,7 +11,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +32,8 @@ from mt5backupd.receiver.ranges import (
 )
 from mt5backupd.receiver.server import start_receiver
 from mt5backupd.testkit.receiverproc import ReceiverProcess
-from tests.conftest import Receiver
-from tests.receiver_harness import TokenSet, make_tokens, receiver_config
+from tests.receiver_harness import Receiver, TokenSet, make_tokens, receiver_config
+from tests.waits import wait_until
 
 HEADER_TIMEOUT_S = 1.0
 BODY_IDLE_S = 0.5
@@ -100,14 +100,6 @@ async def wait_closed_by_server(reader: asyncio.StreamReader, deadline_s: float)
             except ConnectionResetError:
                 break
     return time.monotonic() - started
-
-
-async def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -264,8 +256,8 @@ async def test_unparseable_header_never_logged_or_echoed(
         assert reply is not None and reply.status == 400
         assert token not in reply.head + reply.body
         assert token[:20] not in reply.body
-    await wait_for(lambda: all_logs(proc).count(b"malformed request from 127.0.0.1") >= 8,
-                   "the malformed-request lines on stderr and in the JSON log")
+    await wait_until(lambda: all_logs(proc).count(b"malformed request from 127.0.0.1") >= 8, 10,
+                     "the malformed-request lines on stderr and in the JSON log")
     logs = all_logs(proc)
     assert token not in logs and token[5:25] not in logs
     assert b"Traceback" not in logs and b"ERROR" not in logs
@@ -369,8 +361,8 @@ async def test_truncated_stored_file_ends_download_at_once(
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
     assert time.monotonic() - started < 5
-    await wait_for(lambda: any(line.startswith("ERROR") and "truncated" in line
-                               for line in log_lines), "the truncation error line")
+    await wait_until(lambda: any(line.startswith("ERROR") and "truncated" in line
+                                 for line in log_lines), 10, "the truncation error line")
 
 
 # ---------------------------------------------------------------- timeouts
@@ -416,7 +408,7 @@ async def test_slow_header_drip_is_closed(tight: Receiver) -> None:
                 await writer.drain()
             except ConnectionError:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the slow drip is the attack under test
         await wait_closed_by_server(reader, HEADER_TIMEOUT_S + 5)
         assert time.monotonic() - started < HEADER_TIMEOUT_S + 5
     finally:
@@ -518,14 +510,14 @@ async def test_disconnect_is_one_quiet_line_and_malformed_flood_is_small(
                      f"Authorization: Bearer {tokens.alice}\r\nContent-Length: 1000000\r\n"
                      f"\r\n".encode() + b"d" * 100_000)
         await writer.drain()
-        await wait_for(lambda: bool(list((proc.data_dir / "partial").glob("*/oneshot-*"))),
-                       "the one-shot temp file")
+        await wait_until(lambda: bool(list((proc.data_dir / "partial").glob("*/oneshot-*"))),
+                         10, "the one-shot temp file")
         writer.transport.abort()
-        await wait_for(lambda: not list((proc.data_dir / "partial").glob("*/oneshot-*")),
-                       "the temp file removed after the drop")
+        await wait_until(lambda: not list((proc.data_dir / "partial").glob("*/oneshot-*")),
+                         10, "the temp file removed after the drop")
 
     await drop_mid_body()
-    await wait_for(lambda: b"went away" in all_logs(proc), "the disconnect line")
+    await wait_until(lambda: b"went away" in all_logs(proc), 10, "the disconnect line")
     first = all_logs(proc)[before:]
     assert first.count(b"went away during POST /api/backup/upload") == 2  # stderr + JSON
     assert b"Traceback" not in first and b"ERROR" not in first
@@ -568,8 +560,8 @@ async def test_oneshot_leftover_counted_then_swept_at_start(
                  f"Authorization: Bearer {tokens.alice}\r\nContent-Length: 10000000\r\n"
                  f"\r\n".encode() + b"k" * 1_000_000)
     await writer.drain()
-    await wait_for(lambda: bool(list((proc.data_dir / "partial").glob("*/oneshot-*.data"))),
-                   "the one-shot temp file")
+    await wait_until(lambda: bool(list((proc.data_dir / "partial").glob("*/oneshot-*.data"))),
+                     10, "the one-shot temp file")
     assert await partial_gauge() == 1
     proc.kill9()
     writer.transport.abort()

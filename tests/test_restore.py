@@ -17,8 +17,7 @@ from mt5backupd.errors import EXIT_USAGE, EXIT_VERIFY, ChecksumMismatchError
 from mt5backupd.ops.listing import local_entries, remote_entries
 from mt5backupd.ops.restore import RestoreRefused, restore
 from mt5backupd.testkit.dbcontent import table_checksums, table_row_counts
-from tests.backup_fixtures import BackupSetup
-from tests.test_backup import config_toml
+from tests.backup_fixtures import BackupSetup, config_toml
 
 
 async def same_contents(setup: BackupSetup, copy: str) -> None:

@@ -17,8 +17,7 @@ from mt5backupd.backup.run import run_backup
 from mt5backupd.daemon.jobs import run_verify
 from mt5backupd.ops.verify import SCRATCH_PREFIX
 from mt5backupd.testkit.dbcontent import table_row_counts
-from tests.backup_fixtures import BackupSetup
-from tests.test_backup import config_toml
+from tests.backup_fixtures import BackupSetup, config_toml
 
 
 def scratch_databases(setup: BackupSetup) -> list[str]:
