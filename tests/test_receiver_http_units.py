@@ -4,6 +4,7 @@ commit when it is automatic."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 from pathlib import Path
@@ -180,5 +181,33 @@ async def test_auto_retention_prunes_after_each_commit(tmp_path: Path) -> None:
                 assert resp.status == 201
             assert await ids(http, alice) == ["a3.dump"]
             assert await ids(http, bob) == ["bob-1.dump"]
+    finally:
+        await running.close()
+
+
+async def test_concurrent_prunes_and_uploads_never_fail_a_commit(tmp_path: Path) -> None:
+    """Auto-retention after parallel commits and admin prunes run in threads at once: every
+    commit is answered 200 and exactly the newest backup stays (no collision on a removal)."""
+    cfg = receiver_config(tmp_path, retention=RetentionConfig(keep_last=1, auto=True))
+    tokens = make_tokens(cfg.tokens_file)
+    running = await start_receiver(cfg, TokenStore(cfg.tokens_file), metrics=ReceiverMetrics())
+    alice, admin = tokens.header(tokens.alice), tokens.header(tokens.admin)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def upload(i: int) -> int:
+                async with http.post(f"{running.url}/api/backup/upload?name=p{i:02d}.dump",
+                                     data=b"x%d" % i, headers=alice) as resp:
+                    return resp.status
+
+            async def admin_prune() -> int:
+                async with http.post(f"{running.url}/api/admin/prune",
+                                     json={"keep_last": 1}, headers=admin) as resp:
+                    return resp.status
+
+            statuses = await asyncio.gather(*(upload(i) for i in range(12)),
+                                            *(admin_prune() for _ in range(4)))
+            assert statuses == [200] * 16
+            async with http.get(f"{running.url}/api/backup/list", headers=alice) as resp:
+                assert len((await resp.json())["backups"]) == 1
     finally:
         await running.close()

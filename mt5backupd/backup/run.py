@@ -73,7 +73,8 @@ async def run_backup(cfg: Config, observer: RunObserver | None = None, *,
                      show_progress: bool = False) -> BackupResult:
     """Take one database backup. Raises Mt5BackupError for failures before any dump (config,
     lock, preflight); failures after that are reported in the result and cleaned up."""
-    check_database_names(cfg.database)
+    if cfg.remote.url:  # local files may carry any name; the receiver holds ids to its rules
+        check_database_names(cfg.database)
     directory = cfg.local.dir
     directory.mkdir(parents=True, exist_ok=True, mode=0o750)
     with RunLock(directory):

@@ -9,6 +9,7 @@ from aiohttp import web
 from loguru import logger
 
 from mt5backupd.receiver.context import CONFIG_KEY, METRICS_KEY, STORAGE_KEY, principal
+from mt5backupd.receiver.storage import StorageError
 from mt5backupd.records import BackupRecord
 from mt5backupd.retention import Policy
 
@@ -23,6 +24,11 @@ async def after_commit(request: web.Request, record: BackupRecord) -> None:
         policy = Policy(retention.keep_last, retention.keep_daily, retention.keep_weekly,
                         retention.keep_monthly)
         # Listing and rmtree of whole backups: a worker thread, so other requests go on.
-        removed = await asyncio.to_thread(request.app[STORAGE_KEY].prune, client, policy)
+        try:
+            removed = await asyncio.to_thread(request.app[STORAGE_KEY].prune, client, policy)
+        except (StorageError, OSError) as exc:
+            # the backup is committed: a failed clean-up must never turn its answer into an error
+            log.warning("retention after committing {} failed: {}", record.id, exc)
+            return
         for gone in removed:
             log.info("retention removed {}", gone.id)
