@@ -149,10 +149,20 @@ class Manifest:
     size_anomaly: bool = False
     upload: UploadState = field(default_factory=UploadState.pending)
     extra: dict[str, Any] = field(default_factory=dict)
+    # {"format": "age-encryption.org/v1", "recipients": [...]}; empty: not encrypted
+    encryption: dict[str, Any] = field(default_factory=dict)
 
     @property
     def created(self) -> datetime:
         return datetime.fromisoformat(self.started)
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.encryption)
+
+    @property
+    def recipients(self) -> list[str]:
+        return [str(r) for r in self.encryption.get("recipients", [])]
 
     @property
     def pending(self) -> bool:
@@ -184,6 +194,8 @@ def upload_metadata(manifest: Manifest) -> dict[str, Any]:
                         server_version=manifest.server_version)
     if "path" in manifest.extra:
         metadata["path"] = manifest.extra["path"]
+    if manifest.encryption:
+        metadata["encryption"] = manifest.encryption
     return metadata
 
 
