@@ -89,3 +89,15 @@ def read_identity_file(path: Path, what: str) -> list[x25519.Identity]:
     if not identities:
         raise ConfigError(f"{what} {path}: no identity (AGE-SECRET-KEY-1...) in the file")
     return identities
+
+
+def load_identities(identity_file: Path | None,
+                    extra: Iterable[Path] = ()) -> list[x25519.Identity]:
+    """Every identity a restore may try: ``[encryption] identity_file``, then each
+    ``--identity`` (several: old backups keep opening with old keys)."""
+    identities: list[x25519.Identity] = []
+    if identity_file is not None:
+        identities += read_identity_file(identity_file, "[encryption] identity_file")
+    for path in extra:
+        identities += read_identity_file(path, "--identity")
+    return identities
