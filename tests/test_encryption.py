@@ -253,7 +253,7 @@ async def test_encrypted_repository_archive(backup_setup: BackupSetup, tmp_path:
     assert result.ok and result.file is not None, result.error
     assert result.id.endswith(".tar.zst.age")
     identities = read_identity_file(key, "--identity")
-    assert check_tar(result.file, identities) == 3
+    assert check_tar(result.file, identities) == 2
     plain = subprocess.run(["age", "-d", "-i", str(key), str(result.file)],
                            capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(zstandard.ZstdDecompressor().decompressobj()
