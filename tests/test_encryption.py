@@ -38,6 +38,7 @@ from mt5backupd.config.encryption import (
 from mt5backupd.daemon.jobs import run_repository_now, run_verify
 from mt5backupd.daemon.metrics import textfile_registry
 from mt5backupd.errors import ChecksumMismatchError, ConfigError
+from mt5backupd.ops.keycheck import encryption_checks
 from mt5backupd.ops.listing import format_table, local_entries, remote_entries
 from mt5backupd.ops.restore import restore
 from mt5backupd.records import sidecar_line
@@ -66,7 +67,7 @@ def encrypted(setup: BackupSetup, *recipients: str) -> BackupSetup:
 def database_exists(setup: BackupSetup, name: str) -> bool:
     out = subprocess.run([str(setup.pg.bin_dir / "psql"), "-h", setup.pg.host, "-p",
                           str(setup.pg.port), "-U", setup.pg.user, "-d", "postgres", "-Atc",
-                          f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
+                          f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],  # noqa: S608
                          capture_output=True, text=True, check=True)
     return out.stdout.strip() == "1"
 
@@ -106,7 +107,7 @@ def test_config_recipients_and_bad_input(tmp_path: Path) -> None:
     toml.write_text('[encryption]\nrecipients = ["age1bogus"]\n')
     with pytest.raises(ConfigError, match=r"\[encryption\] recipients: recipient 'age1bogus'"):
         load_config(toml, env={})
-    os.chmod(rfile, 0o666)
+    os.chmod(rfile, 0o666)  # noqa: S103 - the refusal under test
     toml.write_text(f'[encryption]\nrecipients_file = "{rfile}"\n')
     with pytest.raises(ConfigError, match="recipients_file is writable by group/others"):
         load_config(toml, env={})
@@ -211,8 +212,8 @@ async def test_tampered_ciphertext(backup_setup: BackupSetup, tmp_path: Path) ->
     manifest = json.loads(manifest_file.read_text())
     manifest["sha256"] = forged
     manifest_file.write_text(json.dumps(manifest))
-    with pytest.raises(DecryptionFailedError, match="age authentication failed.*dropped "
-                       "copy_bad"):
+    with pytest.raises(DecryptionFailedError, match=r"age authentication failed.*dropped "
+                       r"copy_bad"):
         await restore(setup.cfg, "latest", "copy_bad", create=True, identity_files=[key])
     assert not database_exists(setup, "copy_bad")
     outcome = await run_verify(setup.cfg, identity_files=[key])
@@ -239,6 +240,16 @@ async def test_verify_with_and_without_identity(backup_setup: BackupSetup,
     assert passed.passed, passed.reasons
     assert metrics.get_sample_value("mt5backup_last_verify_skipped") == 0.0
     assert metrics.get_sample_value("mt5backup_last_verify_success") == 1.0
+    # check: the identity opens the newest backup, with a warning that it sits beside it
+    lines = {c.name: c for c in await encryption_checks(cfg)}
+    assert lines["encryption"].ok and "1 recipient" in lines["encryption"].detail
+    assert lines["identity"].ok and "opens" in lines["identity"].detail
+    assert lines["identity location"].warning
+    other, _ = new_key(tmp_path, "other.txt")
+    wrong = dataclasses.replace(cfg, encryption=dataclasses.replace(cfg.encryption,
+                                                                    identity_file=other))
+    lines = {c.name: c for c in await encryption_checks(wrong)}
+    assert not lines["identity"].ok and "none of the 1 identities" in lines["identity"].detail
 
 
 async def test_encrypted_repository_archive(backup_setup: BackupSetup, tmp_path: Path) -> None:
