@@ -173,6 +173,8 @@ class Manifest:
         for name in self.__dataclass_fields__:
             data[name] = getattr(self, name)
         data["upload"] = self.upload.to_json()
+        if not self.encryption:  # an unencrypted backup's manifest is what it always was
+            del data["encryption"]
         return data
 
     @classmethod
