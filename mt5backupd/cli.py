@@ -16,7 +16,14 @@ from mt5backupd import __version__
 from mt5backupd.backup.result import BackupResult
 from mt5backupd.config import Config, file_mode_problems, load_config, resolve_config_path
 from mt5backupd.daemon.schedule import SCHEDULE_CHECKS
-from mt5backupd.errors import EXIT_OK, EXIT_PENDING, EXIT_VERIFY, Mt5BackupError
+from mt5backupd.errors import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_PENDING,
+    EXIT_VERIFY,
+    ConfigError,
+    Mt5BackupError,
+)
 from mt5backupd.logs import setup_logging
 from mt5backupd.tuning import tune_process
 
@@ -68,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow restoring over the configured source database")
     rst.add_argument("--no-owner", action="store_true",
                      help="do not restore object ownership (target roles differ)")
+    rst.add_argument("--identity", action="append", default=[], metavar="PATH",
+                     help="age identity file (0600) for an encrypted backup; repeatable, "
+                     "added to [encryption] identity_file")
     rst.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
     chk = sub.add_parser("check", help="self-test: tools, database, dirs, secrets, receiver, "
@@ -78,10 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="test-restore a backup into a scratch database")
     _add_common(ver, top=False)
     ver.add_argument("backup", metavar="ID|latest", nargs="?", default="latest")
+    ver.add_argument("--identity", action="append", default=[], metavar="PATH",
+                     help="age identity file (0600) for an encrypted backup; repeatable")
     ver.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
     pend = sub.add_parser("upload-pending", help="upload local backups whose upload is pending")
     _add_common(pend, top=False)
+
+    keygen = sub.add_parser("keygen", help="new age identity for [encryption]; prints its "
+                            "recipient")
+    keygen.add_argument("--out", metavar="PATH",
+                        help="write the identity here (0600, never overwrites); default: stdout")
 
     demo = sub.add_parser("demo", help="throwaway PostgreSQL + receiver + one verified backup")
     demo.add_argument("--size-mb", type=float, default=20.0,
@@ -168,7 +185,8 @@ def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log, "restore", verbose=args.verbose)
     result = asyncio.run(restore.restore(
         config, args.backup, args.target_db, source=args.source, create=args.create,
-        jobs=args.jobs, force=args.force, no_owner=args.no_owner))
+        jobs=args.jobs, force=args.force, no_owner=args.no_owner,
+        identity_files=[Path(p) for p in args.identity]))
     print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
     return EXIT_OK
 
@@ -193,8 +211,10 @@ def _cmd_verify(args: argparse.Namespace, config: Config) -> int:
     from mt5backupd.daemon.jobs import run_verify
 
     setup_logging(config.log, "verify", verbose=args.verbose)
-    outcome = asyncio.run(run_verify(config, args.backup))
+    outcome = asyncio.run(run_verify(config, args.backup, [Path(p) for p in args.identity]))
     print(json.dumps(outcome.to_json(), indent=2) if args.json else outcome.summary())
+    if outcome.skipped:
+        return EXIT_CONFIG
     return EXIT_OK if outcome.passed else EXIT_VERIFY
 
 
@@ -208,6 +228,30 @@ def _cmd_upload_pending(args: argparse.Namespace, config: Config) -> int:
     else:
         print(f"uploaded {done} pending backup(s); {left} still pending")
     return EXIT_PENDING if left else EXIT_OK
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from mt5backupd.backup.encryption import generate_identity, write_identity_file
+
+    identity, recipient = generate_identity()
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    if args.out is None:  # like age-keygen: the identity to stdout, for a pipe or a vault
+        print(f"# created: {created}\n# public key: {recipient}\n{identity}")
+        print(f"Public key: {recipient}", file=sys.stderr)
+        return EXIT_OK
+    out = Path(args.out)
+    try:
+        write_identity_file(out, identity, recipient, created)
+    except FileExistsError:
+        raise ConfigError(f"{out}: exists; keygen never overwrites an identity") from None
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot write the identity: {exc.strerror}") from None
+    print(recipient)
+    print(f"identity written to {out} (0600); add the line above to [encryption] recipients "
+          "on the backup host, keep the file where restores run", file=sys.stderr)
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -265,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "keygen":
+            return _cmd_keygen(args)
         config = _load(args, check_modes=args.command != "check")
         if args.run_now:
             if args.command is not None:

@@ -20,7 +20,8 @@ from mt5backupd.fsutil import atomic_write_json
 STATE_FILE = ".mt5backupd-state.json"
 STATE_LOCK = ".mt5backupd-state.lock"
 JOBS = ("database", "repository", "verify")
-RESULTS = ("success", "pending", "failure")
+# skipped: a test restore that could not run here (an encrypted backup, no identity)
+RESULTS = ("success", "pending", "failure", "skipped")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ def _record(directory: Path, record: RunRecord, upload_retries: int,
     state = load_state(directory)
     entry = job_state(state, record.job)
     entry["last_run"] = asdict(record)
+    if record.result != "skipped":
+        entry["last_checked"] = asdict(record)  # the last run that did its work
     if record.succeeded:
         entry["last_success"] = asdict(record)
     entry["runs"][record.result] = int(entry["runs"].get(record.result, 0)) + 1

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system tools the tests and the demo use, when missing: PostgreSQL server binaries
 # (initdb/pg_ctl/pg_dump/pg_restore), curl (the legacy client flow), zstd (manual restore one-liner),
-# promtool (alert rules) and systemd-analyze (unit files).
+# promtool (alert rules), systemd-analyze (unit files) and age (the stock-tool restore of an
+# encrypted backup: age -d | zstd -d | pg_restore).
 set -euo pipefail
 
 need=()
@@ -13,6 +14,7 @@ command -v zstd >/dev/null 2>&1 || need+=(zstd)
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)          # promtool: alert rule tests
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)     # unit file verification
+command -v age >/dev/null 2>&1 || need+=(age)                     # stock-tool decryption test
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

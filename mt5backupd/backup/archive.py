@@ -17,9 +17,11 @@ from typing import IO, cast
 
 import zstandard
 from loguru import logger
+from pyrage import x25519
 
 from mt5backupd.backup.compress import READ_BYTES, Writable
-from mt5backupd.errors import ArchiveUnreadableError
+from mt5backupd.backup.encryption import is_age_file, plain_reader
+from mt5backupd.errors import ArchiveUnreadableError, Mt5BackupError
 
 
 def is_excluded(relative: str, patterns: Sequence[str]) -> bool:
@@ -93,21 +95,29 @@ def write_tar(root: Path, patterns: Sequence[str], sink: Writable, level: int) -
         return counting.count
 
 
-def check_tar(path: Path) -> int:
-    """Read the whole archive back (zstd frame and every tar header/member); return the
-    member count. ArchiveUnreadableError when it cannot be read to the end."""
+def _read_members(reader: IO[bytes]) -> int:
     members = 0
+    with tarfile.open(fileobj=reader, mode="r|") as tar:
+        for member in tar:
+            members += 1
+            if member.isfile():
+                extracted = tar.extractfile(member)
+                if extracted is not None:
+                    while extracted.read(READ_BYTES):
+                        pass
+    return members
+
+
+def check_tar(path: Path, identities: Sequence[x25519.Identity] = ()) -> int:
+    """Read the whole archive back (age when encrypted, zstd frame, every tar header/member);
+    return the member count. ArchiveUnreadableError when it cannot be read to the end."""
     try:
+        if is_age_file(path):
+            with plain_reader(path, identities) as plain:
+                return _read_members(plain)
         with path.open("rb") as raw:
             reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_BYTES)
-            with tarfile.open(fileobj=cast("IO[bytes]", reader), mode="r|") as tar:
-                for member in tar:
-                    members += 1
-                    if member.isfile():
-                        extracted = tar.extractfile(member)
-                        if extracted is not None:
-                            while extracted.read(READ_BYTES):
-                                pass
-    except (tarfile.TarError, zstandard.ZstdError, OSError, EOFError) as exc:
+            return _read_members(cast("IO[bytes]", reader))
+    except (tarfile.TarError, zstandard.ZstdError, OSError, EOFError,
+            Mt5BackupError) as exc:
         raise ArchiveUnreadableError(f"archive {path.name} cannot be read back: {exc}") from None
-    return members

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+from pyrage import x25519
 
 from mt5backupd.backup import compress, spool
 from mt5backupd.backup.dump import (
@@ -79,7 +80,7 @@ async def database_spec(cfg: Config, password: Secret | None) -> ShipSpec:
     check_dump_compatible(dump_major, server.major, db.pg_dump)
     await tool_version(db.pg_restore, "pg_restore")
 
-    async def produce(spooled: spool.SpoolFile) -> ProduceStats:
+    async def produce(spooled: compress.Writable) -> ProduceStats:
         def pump(read_fd: int, on_read: Callable[[int], None]) -> int:
             return compress.pump(read_fd, spooled, db.compression, db.compression_threads,
                                  on_read)
@@ -107,8 +108,8 @@ async def database_spec(cfg: Config, password: Secret | None) -> ShipSpec:
         return ProduceStats(stats.raw_bytes, stats.duration_s,
                             {"row_counts": counts, "snapshot": snapshot})
 
-    async def verify(path: Path) -> None:
-        await list_archive(db.pg_restore, path)
+    async def verify(path: Path, identities: Sequence[x25519.Identity]) -> None:
+        await list_archive(db.pg_restore, path, identities)
 
     return ShipSpec(
         kind=KIND, prefix=db.dbname, suffix=db.compression.suffix,

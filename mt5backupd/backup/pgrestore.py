@@ -1,4 +1,5 @@
-"""pg_restore over any of our archive formats (zstd is decoded in a thread into its stdin)."""
+"""pg_restore over any of our archive formats (age and zstd are decoded in a thread into its
+stdin)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,21 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pyrage import x25519
+
 from mt5backupd.backup.compress import decompress_file_to_fd, is_zstd_file
 from mt5backupd.backup.dump import child_env
-from mt5backupd.errors import ArchiveUnreadableError, ConfigError
+from mt5backupd.backup.encryption import decrypt_to_fd, is_age_file
+from mt5backupd.errors import ArchiveUnreadableError, ConfigError, Mt5BackupError
+
+
+def decode_file_to_fd(path: Path, write_fd: int,
+                      identities: Sequence[x25519.Identity] = ()) -> int:
+    """Blocking: the plain pg_dump archive in ``path`` (age decrypted, zstd decoded) to
+    ``write_fd``."""
+    if is_age_file(path):
+        return decrypt_to_fd(path, write_fd, identities)
+    return decompress_file_to_fd(path, write_fd)
 
 
 async def run_pg_restore(
@@ -19,13 +32,16 @@ async def run_pg_restore(
     args: Sequence[str],
     *,
     env: Mapping[str, str] | None = None,
+    identities: Sequence[x25519.Identity] = (),
 ) -> tuple[int, str, str]:
     """Run ``pg_restore ARGS`` on ``archive``; return (returncode, stdout, stderr).
 
-    Plain custom-format files are passed by name (pg_restore can seek); zstd archives are streamed
-    through a pipe, so nothing decompressed ever touches the disk.
+    Plain custom-format files are passed by name (pg_restore can seek); zstd and age archives
+    are streamed through a pipe, so nothing decoded ever touches the disk. A decoding failure
+    (age authentication: the file was changed) is raised once pg_restore has ended, whatever
+    pg_restore made of the cut stream.
     """
-    streamed = is_zstd_file(archive)
+    streamed = is_zstd_file(archive) or is_age_file(archive)
     argv = [pg_restore, *args] + ([] if streamed else [str(archive)])
     read_fd = write_fd = -1
     if streamed:
@@ -48,7 +64,7 @@ async def run_pg_restore(
 
         def feed() -> int:
             try:
-                return decompress_file_to_fd(archive, write_fd)
+                return decode_file_to_fd(archive, write_fd, identities)
             except BrokenPipeError:
                 return -1  # pg_restore stopped reading; its exit status tells why
             finally:
@@ -65,6 +81,10 @@ async def run_pg_restore(
         if feeder is not None:
             with contextlib.suppress(Exception):
                 await feeder
+    if feeder is not None and feeder.done() and not feeder.cancelled():
+        error = feeder.exception()
+        if isinstance(error, Mt5BackupError):
+            raise error
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
@@ -76,7 +96,8 @@ def failure_reason(returncode: int, stderr: str) -> str:
     return text.splitlines()[-1] if text else f"exit status {returncode}"
 
 
-async def list_archive(pg_restore: str, archive: Path) -> list[str]:
+async def list_archive(pg_restore: str, archive: Path,
+                       identities: Sequence[x25519.Identity] = ()) -> list[str]:
     """The archive's table of contents; ArchiveUnreadableError when pg_restore cannot
     read it.
 
@@ -84,7 +105,8 @@ async def list_archive(pg_restore: str, archive: Path) -> list[str]:
     file is a custom-format archive pg_restore accepts. That the data blocks are the bytes
     pg_dump wrote is what the sha256 (computed while writing) proves; that they restore is the
     job of a test restore."""
-    rc, out, err = await run_pg_restore(pg_restore, archive, ["--list"])
+    rc, out, err = await run_pg_restore(pg_restore, archive, ["--list"],
+                                        identities=identities)
     if rc != 0:
         raise ArchiveUnreadableError(f"pg_restore --list cannot read {archive.name}: "
                                      f"{failure_reason(rc, err)}")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from pyrage import x25519
+
 from mt5backupd.backup import archive, spool
+from mt5backupd.backup.compress import Writable
 from mt5backupd.backup.shipspec import ProduceStats, ShipSpec, check_generated_names
 from mt5backupd.config import RepositoryConfig
 from mt5backupd.errors import ConfigError
@@ -23,14 +27,15 @@ def repository_spec(repo: RepositoryConfig) -> ShipSpec:
     check_generated_names(PREFIX, SUFFIX, "repository prefix")
     root = repo.path
 
-    async def produce(spooled: spool.SpoolFile) -> ProduceStats:
+    async def produce(spooled: Writable) -> ProduceStats:
         t0 = time.monotonic()
         raw = await asyncio.get_running_loop().run_in_executor(
             None, archive.write_tar, root, repo.exclude, spooled, repo.compression_level)
         return ProduceStats(raw, time.monotonic() - t0)
 
-    async def verify(path: Path) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, archive.check_tar, path)
+    async def verify(path: Path, identities: Sequence[x25519.Identity]) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, archive.check_tar, path,
+                                                         identities)
 
     return ShipSpec(kind=KIND, prefix=PREFIX, suffix=SUFFIX,
                     compression=f"zstd:{repo.compression_level}", keep=repo.keep,

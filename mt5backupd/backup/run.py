@@ -1,6 +1,6 @@
 """One backup run: the only module that wires dump, spool, upload and rotation together.
 
-    pg_dump ─pipe─▶ pump thread (zstd) ─▶ SpoolFile (.partial, sha256)
+    pg_dump ─pipe─▶ pump thread (zstd) ─▶ [age thread] ─▶ SpoolFile (.partial, sha256)
                                               │ follows          then: fsync, pg_restore --list,
                                               ▼                  rename, .sha256, manifest,
                                         uploader ─▶ receiver     commit(sha256, size), rotation
@@ -22,10 +22,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from loguru import logger
+from pyrage import x25519
 
 from mt5backupd import runstate as state
 from mt5backupd.backup import spool
+from mt5backupd.backup.compress import Writable
 from mt5backupd.backup.database import check_database_names, database_spec
+from mt5backupd.backup.encryption import (
+    AGE_FORMAT,
+    AGE_SUFFIX,
+    EncryptingSink,
+    parse_recipients,
+)
 from mt5backupd.backup.pending import upload_pending
 from mt5backupd.backup.remote import (
     PREFLIGHT_DOWN,
@@ -155,6 +163,10 @@ class _Run:
     source: GrowingSource
     progress: UploadProgress
     t0: float
+    sink: Writable  # what the kind produces into: the spool file, or age in front of it
+    # The read-back check's key: the file is encrypted to it too, and it lives in this process
+    # only (which holds the plaintext anyway), so the run can prove what it stored opens.
+    check_identities: list[x25519.Identity]
     upload_task: asyncio.Task[UploadProgress] | None = None
     line_task: asyncio.Task[None] | None = None
     kept: bool = False  # published: the files stay whatever happens next
@@ -175,7 +187,9 @@ async def _ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
     after (kept, upload pending and resumable), or it is complete (upload outcome recorded)."""
     run = await _start(cfg, client, spec, observer, show_progress)
     try:
-        stats = await spec.produce(run.spooled)
+        stats = await spec.produce(run.sink)
+        if isinstance(run.sink, EncryptingSink):  # age's last chunk, before the file is read
+            await asyncio.get_running_loop().run_in_executor(None, run.sink.finish)
         manifest = await _publish(run, stats)
     except BaseException as exc:
         if run.kept:
@@ -213,21 +227,32 @@ async def _start(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
     directory = cfg.local.dir
     started = datetime.now(UTC)
     t0 = time.monotonic()
-    backup = spool.unique_backup_name(directory, spec.prefix, started, spec.suffix,
+    encryption = cfg.encryption
+    suffix = spec.suffix + (AGE_SUFFIX if encryption.enabled else "")
+    backup = spool.unique_backup_name(directory, spec.prefix, started, suffix,
                                       await remote_ids(client))
     draft = spool.Manifest(
         id=backup, file=backup, kind=spec.kind, size=0, sha256="", compression=spec.compression,
         started=started.isoformat(), finished="", duration_s=0.0, dump_duration_s=0.0,
         raw_bytes=0, upload=UploadState.initial(bool(cfg.remote.url)),
+        encryption={"format": AGE_FORMAT, "recipients": list(encryption.recipients)}
+        if encryption.enabled else {},
         **{"database": "", **spec.manifest_fields})
     previous = spool.load_manifests(directory, spec.kind)
     spooled = spool.SpoolFile(directory, backup)
     source = GrowingSource(spooled.path, lambda: spooled.size)
     spooled.on_write = source.notify_threadsafe
+    sink: Writable = spooled
+    check_identities: list[x25519.Identity] = []
+    if encryption.enabled:
+        check_identities.append(x25519.Identity.generate())
+        sink = EncryptingSink(spooled, [*parse_recipients(encryption.recipients),
+                                        check_identities[0].to_public()])
     progress = UploadProgress(on_retry=observer.on_upload_retry,
                               on_bytes=observer.on_uploaded_bytes,
                               on_session=journal_session(directory, backup))
-    run = _Run(cfg, spec, client, draft, previous, spooled, source, progress, t0)
+    run = _Run(cfg, spec, client, draft, previous, spooled, source, progress, t0, sink,
+               check_identities)
     if client is not None:
         run.upload_task = asyncio.create_task(send_following(
             client, source, name=backup, kind=spec.kind, metadata=spool.upload_metadata(draft),
@@ -235,7 +260,9 @@ async def _start(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
             progress=progress))
     if show_progress:
         run.line_task = asyncio.create_task(_progress_line(spooled, progress))
-    logger.info("backup {} started: {} ({})", backup, spec.describe, spec.compression)
+    logger.info("backup {} started: {} ({}{})", backup, spec.describe, spec.compression,
+                f", age to {len(encryption.recipients)} recipient(s)" if encryption.enabled
+                else "")
     return run
 
 
@@ -247,7 +274,8 @@ async def _publish(run: _Run, stats: ProduceStats) -> spool.Manifest:
     # the read-back check reads from the page cache; it need not wait for the flush (but
     # both must be over before the file is discarded or published)
     outcomes = await asyncio.gather(loop.run_in_executor(None, spooled.sync),
-                                    run.spec.verify(spooled.path), return_exceptions=True)
+                                    run.spec.verify(spooled.path, run.check_identities),
+                                    return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
@@ -291,6 +319,8 @@ async def _discard(run: _Run) -> None:
         with contextlib.suppress(BaseException):
             await run.upload_task
         await asyncio.shield(abort_remote(run.client, run.progress, run.directory))
+    if isinstance(run.sink, EncryptingSink):
+        await asyncio.get_running_loop().run_in_executor(None, run.sink.abort)
     run.spooled.discard()
     _end_progress_line(run)
 

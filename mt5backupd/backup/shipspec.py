@@ -6,13 +6,16 @@ Everything else (spool, upload, publication, rotation) is the same for every kin
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pyrage import x25519
+
 from mt5backupd.backup import spool
+from mt5backupd.backup.compress import Writable
 from mt5backupd.errors import ConfigError
 from mt5backupd.names import InvalidName, validate_backup_id
 
@@ -31,8 +34,9 @@ class ShipSpec:
     suffix: str  # file suffix (.dump.zst, .tar.zst, ...)
     compression: str  # as recorded in the manifest
     keep: int
-    produce: Callable[[spool.SpoolFile], Awaitable[ProduceStats]]
-    verify: Callable[[Path], Awaitable[None]]
+    produce: Callable[[Writable], Awaitable[ProduceStats]]  # into the spool (maybe via age)
+    # read the stored file back; the identities open it when it is encrypted
+    verify: Callable[[Path, Sequence[x25519.Identity]], Awaitable[None]]
     describe: str  # "mt5_trading" / "/srv/trading-repo" for the log line
     manifest_fields: dict[str, Any] = field(default_factory=dict)  # Manifest attributes
 

@@ -149,10 +149,20 @@ class Manifest:
     size_anomaly: bool = False
     upload: UploadState = field(default_factory=UploadState.pending)
     extra: dict[str, Any] = field(default_factory=dict)
+    # {"format": "age-encryption.org/v1", "recipients": [...]}; empty: not encrypted
+    encryption: dict[str, Any] = field(default_factory=dict)
 
     @property
     def created(self) -> datetime:
         return datetime.fromisoformat(self.started)
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.encryption)
+
+    @property
+    def recipients(self) -> list[str]:
+        return [str(r) for r in self.encryption.get("recipients", [])]
 
     @property
     def pending(self) -> bool:
@@ -163,6 +173,8 @@ class Manifest:
         for name in self.__dataclass_fields__:
             data[name] = getattr(self, name)
         data["upload"] = self.upload.to_json()
+        if not self.encryption:  # an unencrypted backup's manifest is what it always was
+            del data["encryption"]
         return data
 
     @classmethod
@@ -184,6 +196,8 @@ def upload_metadata(manifest: Manifest) -> dict[str, Any]:
                         server_version=manifest.server_version)
     if "path" in manifest.extra:
         metadata["path"] = manifest.extra["path"]
+    if manifest.encryption:
+        metadata["encryption"] = manifest.encryption
     return metadata
 
 

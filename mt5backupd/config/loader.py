@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mt5backupd.config.compression import DEFAULT_COMPRESSION, parse_compression
+from mt5backupd.config.encryption import check_recipients, read_recipients_file
 from mt5backupd.config.filemodes import referenced_file_problems, source_file_problems
 from mt5backupd.config.legacy_env import (
     LEGACY_LOG_DIR,
@@ -27,6 +28,7 @@ from mt5backupd.config.model import (
     Config,
     DaemonConfig,
     DatabaseConfig,
+    EncryptionConfig,
     HealthConfig,
     HttpConfig,
     LocalConfig,
@@ -260,6 +262,22 @@ def _load_notify(sec: Section) -> NotifyConfig:
     sec.finish()
     return cfg
 
+def _load_encryption(sec: Section) -> EncryptionConfig:
+    where = f"{sec.where}: [encryption]"
+    recipients = check_recipients(sec.str_list("recipients", ()), f"{where} recipients")
+    recipients_file = sec.opt_path("recipients_file")
+    if recipients_file is not None:
+        recipients += tuple(r for r in read_recipients_file(recipients_file,
+                                                            f"{where} recipients_file")
+                            if r not in recipients)
+        if not recipients:
+            raise sec.error("recipients_file", f"{recipients_file} holds no recipient")
+    cfg = EncryptionConfig(recipients=recipients, recipients_file=recipients_file,
+                           identity_file=sec.opt_path("identity_file"))
+    sec.finish()
+    return cfg
+
+
 def resolve_config_path(cli_value: str | None, env: Mapping[str, str]) -> tuple[Path, bool]:
     """Return (path, explicit). A missing default file is fine (defaults + env apply)."""
     if cli_value:
@@ -317,6 +335,7 @@ def load_config(
     health = _load_health(root.sub("health"))
     daemon = _load_daemon(root.sub("daemon"))
     notify = _load_notify(root.sub("notify"))
+    encryption = _load_encryption(root.sub("encryption"))
     unknown = sorted(set(data) - root.seen)
     if unknown:
         raise ConfigError(f"{where}: [{unknown[0]}]: unknown section")
@@ -335,6 +354,7 @@ def load_config(
         health=health,
         daemon=daemon,
         notify=notify,
+        encryption=encryption,
         legacy_receiver_token=Secret(token) if token else None,
     )
     cfg = apply_legacy_env(cfg, env, str(env_file) if env_file else "environment")

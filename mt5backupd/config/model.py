@@ -140,6 +140,19 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class EncryptionConfig:
+    """age encryption of every backup: on when there is at least one recipient."""
+
+    recipients: tuple[str, ...] = ()  # every recipient: the config's list, then the file's
+    recipients_file: Path | None = None
+    identity_file: Path | None = None  # only where restores and test restores run
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.recipients)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path | None = None  # the TOML file this came from, for messages
     log: LogConfig = field(default_factory=LogConfig)
@@ -154,6 +167,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     # The legacy BACKUP_API_TOKEN, served by the receiver as the client token named "default".
     legacy_receiver_token: Secret | None = None
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from mt5backupd import runstate as state
@@ -87,12 +88,13 @@ async def repository_job(cfg: Config) -> JobOutcome:
     return JobOutcome(result.exit_code == EXIT_OK, result.to_json())
 
 
-async def run_verify(cfg: Config, ref: str = "latest") -> VerifyOutcome:
+async def run_verify(cfg: Config, ref: str = "latest",
+                     identity_files: Sequence[Path] = ()) -> VerifyOutcome:
     """A test restore, recorded as a run of job "verify" (its duration: the restore's, our
-    measured recovery time)."""
+    measured recovery time); "skipped" when the backup is encrypted and no identity is here."""
     started, t0 = datetime.now(UTC), time.monotonic()
     try:
-        outcome = await verify(cfg, ref)
+        outcome = await verify(cfg, ref, identity_files)
     except LockHeldError:
         raise
     except Exception as exc:
@@ -105,7 +107,7 @@ async def run_verify(cfg: Config, ref: str = "latest") -> VerifyOutcome:
     state.record_run(cfg.local.dir, state.RunRecord(
         job="verify", id=outcome.id, started=started.isoformat(),
         finished=datetime.now(UTC).isoformat(),
-        result="success" if outcome.passed else "failure",
+        result="skipped" if outcome.skipped else "success" if outcome.passed else "failure",
         duration_s=round(outcome.restore_s, 3), error="; ".join(outcome.reasons)))
     await export_textfile(cfg)
     return outcome
@@ -113,7 +115,7 @@ async def run_verify(cfg: Config, ref: str = "latest") -> VerifyOutcome:
 
 async def verify_job(cfg: Config) -> JobOutcome:
     outcome = await run_verify(cfg)
-    return JobOutcome(outcome.passed, outcome.to_json())
+    return JobOutcome(outcome.passed or outcome.skipped, outcome.to_json())
 
 
 async def upload_pending_now(cfg: Config) -> tuple[int, int]:

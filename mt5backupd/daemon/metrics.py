@@ -111,6 +111,13 @@ class DiskCollector(Collector):
             yield from (next_run, in_progress)
         yield from (anomaly, runs, retries, uploaded)
         check = state.last_run(st, "verify")
+        skipped = check is not None and check.result == "skipped"
+        yield GaugeMetricFamily(f"{P}_last_verify_skipped",
+                                "1 if the last test restore could not run here: cannot verify "
+                                "encrypted backups here (no [encryption] identity_file)",
+                                value=1.0 if skipped else 0.0)
+        if skipped:  # the figures below stay those of the last test restore that ran
+            check = state.last_run(st, "verify", "last_checked")
         yield GaugeMetricFamily(f"{P}_last_verify_success",
                                 "1 if the last test restore passed, else 0",
                                 value=1.0 if check and check.succeeded else 0.0)

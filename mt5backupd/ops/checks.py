@@ -7,7 +7,6 @@ import contextlib
 import json
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -21,22 +20,10 @@ from mt5backupd.config import Config, FileProblem
 from mt5backupd.config.secretfiles import check_pgpass, database_password, remote_token
 from mt5backupd.errors import EXIT_CONFIG, EXIT_OK, EXIT_VERIFY, Mt5BackupError
 from mt5backupd.fsutil import free_bytes
+from mt5backupd.ops.checks_model import Check
+from mt5backupd.ops.keycheck import encryption_checks
 
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-
-    def line(self) -> str:
-        text = f"[{' OK ' if self.ok else 'FAIL'}] {self.name}: {self.detail}"
-        return text if self.ok or not self.fix else f"{text}\n       fix: {self.fix}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"check": self.name, "ok": self.ok, "detail": self.detail,
-                "fix": self.fix or None}
+__all__ = ["Check", "refused_files_report", "report", "run_checks"]
 
 
 async def _guard(name: str, fix: str, probe: Callable[[], Awaitable[str]]) -> Check:
@@ -137,6 +124,7 @@ async def run_checks(cfg: Config) -> list[Check]:
 
     if cfg.remote.url:
         results += await _remote_checks(cfg)
+    results += await encryption_checks(cfg)
     results.append(await _guard(
         "daemon", "start it: systemctl start mt5backupd (or mt5backupd run)",
         lambda: _daemon_probe(cfg)))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mt5backupd.backup import spool
+from mt5backupd.backup.encryption import AGE_SUFFIX
 from mt5backupd.backup.remote import receiver_client
 from mt5backupd.config import Config
 from mt5backupd.errors import ConfigError, Mt5BackupError
@@ -32,16 +33,22 @@ class BackupEntry:
     created: str
     upload: str  # uploaded | pending | disabled | remote
     verify: str  # last test-restore result, "" when never verified
+    recipients: tuple[str, ...] = ()  # the age recipients it was encrypted to, when known
+
+    @property
+    def encrypted(self) -> bool:
+        return self.id.endswith(AGE_SUFFIX) or bool(self.recipients)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "file": self.file, "kind": self.kind, "size": self.size,
                 "sha256": self.sha256, "created": self.created, "upload": self.upload,
-                "verify": self.verify or None}
+                "verify": self.verify or None, "encrypted": self.encrypted,
+                "recipients": list(self.recipients)}
 
 
 def local_entries(cfg: Config) -> list[BackupEntry]:
     return [BackupEntry(m.id, m.file, m.kind, m.size, m.sha256, m.started, m.upload.state,
-                        str(m.extra.get("verify", {}).get("result", "")))
+                        str(m.extra.get("verify", {}).get("result", "")), tuple(m.recipients))
             for m in spool.load_manifests(cfg.local.dir)]
 
 
@@ -51,19 +58,29 @@ async def remote_entries(cfg: Config) -> list[BackupEntry]:
         raise ConfigError("[remote] url is not set: there is no receiver to list")
     async with client:
         records = await client.list_backups()  # validated: an id is safe as a file name
-    entries = [BackupEntry(r.id, r.id, r.kind, r.size, r.sha256, r.created, REMOTE, "")
-               for r in records]
+    entries = [BackupEntry(r.id, r.id, r.kind, r.size, r.sha256, r.created, REMOTE, "",
+                           _recipients(r.metadata)) for r in records]
     return sorted(entries, key=lambda e: (e.created, e.file))
+
+
+def _recipients(metadata: dict[str, Any]) -> tuple[str, ...]:
+    """The recipients a receiver's record names (its client's manifest, sent at upload)."""
+    encryption = metadata.get("encryption")
+    if not isinstance(encryption, dict) or not isinstance(encryption.get("recipients"), list):
+        return ()
+    return tuple(str(r) for r in encryption["recipients"])
 
 
 def format_table(entries: list[BackupEntry]) -> str:
     width = max([36, *(len(e.id) for e in entries)])
     lines = [f"{'ID':<{width}} {'KIND':<10} {'SIZE':>10} {'SHA256':<12} {'CREATED':<25} "
-             f"{'UPLOAD':<9} VERIFY"]
+             f"{'UPLOAD':<9} {'VERIFY':<7} ENCRYPTED"]
     for e in entries:
+        encrypted = (f"age ({len(e.recipients)} recipients)" if e.recipients
+                     else "age" if e.encrypted else "no")
         lines.append(f"{e.id:<{width}} {e.kind:<10} {e.size / 1e6:>8.1f}MB "
                      f"{e.sha256[:12]:<12} {e.created[:25]:<25} {e.upload:<9} "
-                     f"{e.verify or '-'}")
+                     f"{e.verify or '-':<7} {encrypted}")
     return "\n".join(lines)
 
 

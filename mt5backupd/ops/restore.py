@@ -1,5 +1,6 @@
 """`mt5backupd restore`: find a backup (``listing.resolve``), get it (resuming a download),
-prove its sha256 before any database is touched, then pg_restore it into a target database."""
+prove its sha256 (and, encrypted, that an identity opens it) before any database is touched,
+then pg_restore it into a target database."""
 
 from __future__ import annotations
 
@@ -8,22 +9,32 @@ import contextlib
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from loguru import logger
+from pyrage import x25519
 
 from mt5backupd.backup import spool
-from mt5backupd.backup.compress import decompress_file_to_fd, is_zstd_file
+from mt5backupd.backup.compress import is_zstd_file
 from mt5backupd.backup.database import connect_db
 from mt5backupd.backup.dump import pg_child_env
-from mt5backupd.backup.pgrestore import failure_reason, run_pg_restore
+from mt5backupd.backup.encryption import (
+    DecryptionFailedError,
+    NoIdentityError,
+    check_opens,
+    is_age_file,
+)
+from mt5backupd.backup.pgrestore import decode_file_to_fd, failure_reason, run_pg_restore
 from mt5backupd.backup.remote import receiver_client
 from mt5backupd.config import Config, DatabaseConfig, Secret
+from mt5backupd.config.encryption import load_identities
 from mt5backupd.config.secretfiles import database_password
 from mt5backupd.errors import EXIT_USAGE, ChecksumMismatchError, Mt5BackupError
-from mt5backupd.ops.listing import local_entries, remote_entries, resolve
+from mt5backupd.ops.listing import BackupEntry, local_entries, remote_entries, resolve
 from mt5backupd.pgtext import quote_ident
 
 RESTORE_DIR = ".restore"
@@ -93,10 +104,28 @@ async def _create_database(db: DatabaseConfig, password: Secret | None, target: 
         await conn.close()
 
 
+async def _drop_database(db: DatabaseConfig, password: Secret | None, target: str) -> None:
+    conn = await _maintenance_connection(db, password)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(target)} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+async def check_encrypted(entry: BackupEntry, path: Path,
+                          identities: Sequence[x25519.Identity]) -> None:
+    """An encrypted backup opens with one of ``identities`` (age's header check), or a
+    ConfigError (exit 4) says why, before any database is touched."""
+    if is_age_file(path):
+        await asyncio.to_thread(check_opens, path, identities, name=entry.id,
+                                recipients=entry.recipients)
+
+
 async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local",
                   create: bool = False, jobs: int = 1, force: bool = False,
-                  no_owner: bool = False) -> RestoreResult:
+                  no_owner: bool = False, identity_files: Sequence[Path] = ()) -> RestoreResult:
     db = cfg.database
+    identities = load_identities(cfg.encryption.identity_file, identity_files)
     if target_db == db.dbname and not force:
         raise RestoreRefused(f"--target-db {target_db} is the configured source database; "
                              "restoring over it needs --force")
@@ -107,6 +136,9 @@ async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local
     restore_dir = cfg.local.dir / RESTORE_DIR
     if source == "remote":
         entry = resolve(await remote_entries(cfg), ref, "on the receiver")
+        if entry.encrypted and not identities:  # say so before a long download
+            raise NoIdentityError(f"{entry.id} is encrypted (age); give --identity PATH or "
+                                  "set [encryption] identity_file; nothing was restored")
         restore_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = restore_dir / entry.file
         client = receiver_client(cfg)
@@ -128,6 +160,12 @@ async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local
                                     f"got {actual}; not restoring (the file is corrupt or "
                                     "truncated)")
     logger.info("sha256 of {} verified", entry.file)
+    try:
+        await check_encrypted(entry, path, identities)
+    except Mt5BackupError:
+        if source == "remote":
+            path.unlink(missing_ok=True)
+        raise
 
     existed = await _target_exists(db, password, target_db)
     if not existed:
@@ -143,17 +181,28 @@ async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local
     plain: Path | None = None
     if jobs > 1:
         args += [f"--jobs={jobs}"]
-        if is_zstd_file(path):
-            # parallel pg_restore seeks in the archive: give it a plain file
+        if is_zstd_file(path) or is_age_file(path):
+            # parallel pg_restore seeks in the archive: give it a plain file (0600, on the
+            # restore host, removed after)
             restore_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             plain = restore_dir / (spool.stem_of(entry.id) + ".dump")
-            await asyncio.to_thread(_decompress_to, path, plain)
             archive = plain
     t1 = time.monotonic()
     try:
+        if plain is not None:
+            await asyncio.to_thread(_decode_to, path, plain, identities)
         with pg_child_env(db, password) as env:
             env["PGDATABASE"] = target_db
-            rc, _out, err = await run_pg_restore(db.pg_restore, archive, args, env=env)
+            rc, _out, err = await run_pg_restore(db.pg_restore, archive, args, env=env,
+                                                 identities=identities)
+    except DecryptionFailedError as exc:
+        if existed:
+            raise
+        # half a database made from a changed file: nothing worth keeping
+        with contextlib.suppress(Mt5BackupError, OSError, asyncpg.PostgresError):
+            await _drop_database(db, password, target_db)
+        raise DecryptionFailedError(f"{exc}; dropped {target_db}, which this restore had "
+                                    "created") from None
     finally:
         if plain is not None:
             plain.unlink(missing_ok=True)
@@ -167,9 +216,9 @@ async def restore(cfg: Config, ref: str, target_db: str, *, source: str = "local
                          entry.size, download_s, restore_s)
 
 
-def _decompress_to(src: Path, dest: Path) -> None:
+def _decode_to(src: Path, dest: Path, identities: Sequence[x25519.Identity]) -> None:
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        decompress_file_to_fd(src, fd)
+        decode_file_to_fd(src, fd, identities)
     finally:
         os.close(fd)

@@ -1,8 +1,9 @@
 """`mt5backupd demo`: the whole product on a throwaway PostgreSQL, end to end, then cleaned up.
 
-A generated MT5-like database, a real receiver on loopback, one real backup through the normal run
-path, the receiver's copy downloaded, hash-checked and restored into a scratch database, and the
-row counts compared with the source.
+A generated MT5-like database, a real receiver on loopback, a new age key, one real encrypted
+backup through the normal run path, the receiver's copy (ciphertext) downloaded, hash-checked,
+refused without the identity, then decrypted and restored into a scratch database, and the row
+counts compared with the source.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from mt5backupd.backup.encryption import (
+    AGE_MAGIC,
+    NoIdentityError,
+    generate_identity,
+    write_identity_file,
+)
 from mt5backupd.backup.run import run_backup
 from mt5backupd.config import (
     Config,
     DatabaseConfig,
+    EncryptionConfig,
     LocalConfig,
     ReceiverConfig,
     RemoteConfig,
@@ -58,6 +66,11 @@ async def run_demo(*, size_bytes: int, keep_dir: Path | None, as_json: bool) -> 
             token = add_token(receiver_cfg.tokens_file, "demo", admin=False)
             token_file = base / "remote-token"
             atomic_write_bytes(token_file, token.encode(), mode=0o600)
+            identity, recipient = generate_identity()
+            key_file = base / "restore-host-identity.txt"  # in real life: not on this host
+            write_identity_file(key_file, identity, recipient, "demo")
+            say(f"demo: new age identity {key_file} (0600); backups are encrypted to "
+                f"{recipient}")
             receiver = await start_receiver(receiver_cfg, TokenStore(receiver_cfg.tokens_file))
             try:
                 say(f"demo: receiver listening on {receiver.url}")
@@ -68,6 +81,7 @@ async def run_demo(*, size_bytes: int, keep_dir: Path | None, as_json: bool) -> 
                     local=LocalConfig(dir=base / "backups", keep=3),
                     remote=RemoteConfig(url=receiver.url, token_file=token_file,
                                         retry_delay_s=0.5),
+                    encryption=EncryptionConfig(recipients=(recipient,)),
                 )
                 result = await run_backup(cfg)
                 say(result.summary())
@@ -75,10 +89,20 @@ async def run_demo(*, size_bytes: int, keep_dir: Path | None, as_json: bool) -> 
                 if not result.ok:
                     return result.exit_code
 
-                # the product's own restore: download from the receiver, sha256 check, restore
-                restored = await restore(cfg, "latest", CHECK_DB, source="remote", create=True)
+                stored = sorted((base / "receiver").rglob("data"))
+                if not stored or not stored[-1].read_bytes().startswith(AGE_MAGIC):
+                    raise VerifyError("the receiver's copy is not age ciphertext")
+                say("demo: the receiver holds ciphertext only (age-encryption.org/v1)")
+                try:
+                    await restore(cfg, "latest", CHECK_DB, source="remote", create=True)
+                    raise VerifyError("an encrypted backup restored without an identity")
+                except NoIdentityError as exc:
+                    say(f"demo: without the identity, restore refuses: {exc}")
+                # the product's own restore: download, sha256 check, age header check, restore
+                restored = await restore(cfg, "latest", CHECK_DB, source="remote", create=True,
+                                         identity_files=[key_file])
                 say(f"demo: receiver's copy downloaded, sha256 matches ({restored.sha256[:16]}"
-                    "...)")
+                    "...), decrypted with the identity")
             finally:
                 await receiver.close()
             restored_counts = await table_row_counts(pg.dsn(CHECK_DB))
@@ -96,7 +120,8 @@ async def run_demo(*, size_bytes: int, keep_dir: Path | None, as_json: bool) -> 
         if as_json:
             print(json.dumps(report, indent=2))
         else:
-            print("demo: OK — backup taken, uploaded, verified on both ends and restored")
+            print("demo: OK — backup taken, encrypted, uploaded, verified on both ends, "
+                  "decrypted and restored")
         return EXIT_OK
     except CheckFailedError as exc:  # a sha256 mismatch in the restore, or the row counts
         report["ok"] = False
