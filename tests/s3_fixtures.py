@@ -6,6 +6,8 @@ Loaded as a pytest plugin (``pytest_plugins`` in conftest.py); tests import help
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -79,3 +81,50 @@ def s3_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 def s3_receiver_cfg(base: ReceiverConfig, moto: MotoS3, bucket: str,
                     **storage: Any) -> ReceiverConfig:
     return dataclasses.replace(base, storage=moto.storage(bucket, **storage))
+
+
+class StoreSwitch:
+    """A TCP proxy in front of the S3 endpoint that can be switched off (listener closed, live
+    connections cut: the store is gone) and on again on the same port."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def on(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
+                                                  reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def off(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.discard(writer)
+        self._writers.discard(up_writer)

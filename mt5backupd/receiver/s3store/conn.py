@@ -31,7 +31,6 @@ RequestCallback = Callable[[str, str, float], None]
 SYSTEMD_CREDENTIAL_NAME = "s3-credentials"
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
-MAX_ATTEMPTS = 3  # botocore's own retries (standard mode) before a call counts as failed
 
 
 def error_code(exc: ClientError) -> str:
@@ -72,7 +71,8 @@ def boto_config(cfg: StorageConfig) -> BotoConfig:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         s3={"addressing_style": cfg.addressing_style},
-        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        # standard mode: 3 attempts unless AWS_MAX_ATTEMPTS (or the AWS config file) says
+        retries={"mode": "standard"},
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
         max_pool_connections=64,
