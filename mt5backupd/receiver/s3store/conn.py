@@ -10,7 +10,7 @@ import hashlib
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +168,20 @@ class Bucket:
             if enabled != "Enabled":
                 raise ConfigError(f"{where}: object_lock_days = {self.cfg.object_lock_days} but "
                                   "the bucket does not have Object Lock enabled")
+
+
+async def list_pages(bucket: Bucket, prefix: str, delimiter: str | None = None
+                     ) -> AsyncIterator[Any]:
+    """Every page of ListObjectsV2 under ``prefix``."""
+    token: str | None = None
+    while True:
+        args: dict[str, Any] = {"Prefix": prefix}
+        if delimiter:
+            args["Delimiter"] = delimiter
+        if token:
+            args["ContinuationToken"] = token
+        page = await bucket.call("list", "list_objects_v2", **args)
+        yield page
+        if not page.get("IsTruncated"):
+            return
+        token = page.get("NextContinuationToken")

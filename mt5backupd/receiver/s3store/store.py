@@ -18,9 +18,10 @@ from loguru import logger
 
 from mt5backupd.config.model import StorageConfig
 from mt5backupd.names import InvalidName, validate_client_name
-from mt5backupd.receiver.s3store.conn import Bucket, RequestCallback
+from mt5backupd.receiver.s3store.conn import Bucket, RequestCallback, list_pages
+from mt5backupd.receiver.s3store.expiry import Expiry
 from mt5backupd.receiver.s3store.hashstate import ResumableSha256
-from mt5backupd.receiver.s3store.keys import DATA_NAME, RECORD_NAME
+from mt5backupd.receiver.s3store.keys import RECORD_NAME
 from mt5backupd.receiver.s3store.parts import PartWriter
 from mt5backupd.receiver.s3store.publish import Publisher
 from mt5backupd.receiver.s3store.sessions import ABORT_WAIT_S, Sessions, State
@@ -99,8 +100,7 @@ class S3Storage:
                                  lock_args=self.publisher.lock_args, on_bytes=on_bytes)
         self.on_bytes = on_bytes
         self._records: dict[str, BackupRecord] = {}
-        self._used_bytes = 0
-        self._partials = 0
+        self.expiry = Expiry(self.bucket, self.sessions, partial_ttl_s)
 
     async def start(self) -> None:
         await self.bucket.open()
@@ -109,7 +109,7 @@ class S3Storage:
         except BaseException:
             await self.bucket.close()
             raise
-        await self._scan()
+        await self.expiry.scan_usage_quietly()
 
     async def close(self) -> None:
         await self.bucket.close()
@@ -206,7 +206,8 @@ class S3Storage:
         limit = self.sessions.max_upload_bytes
         if content_length is not None and content_length > limit:
             raise TooLarge(f"upload of {content_length} bytes exceeds max_upload_bytes {limit}")
-        key = self.keys.temp(client, secrets.token_hex(16))
+        # the creation time in the name: expiry ages a one-shot upload cut short by a crash
+        key = self.keys.temp(client, f"{int(time.time())}-{secrets.token_hex(16)}")
         mpu = await self.bucket.call("create_multipart", "create_multipart_upload", Key=key)
         writer = PartWriter(self.bucket, key, str(mpu["UploadId"]), self.cfg.part_size_bytes,
                             ResumableSha256(), limit, 0, self.on_bytes)
@@ -262,23 +263,9 @@ class S3Storage:
             raise NotFound(f"backup {backup_id!r} not found")
         return record
 
-    async def _list(self, prefix: str, delimiter: str | None = None) -> AsyncIterator[Any]:
-        token: str | None = None
-        while True:
-            args: dict[str, Any] = {"Prefix": prefix}
-            if delimiter:
-                args["Delimiter"] = delimiter
-            if token:
-                args["ContinuationToken"] = token
-            page = await self.bucket.call("list", "list_objects_v2", **args)
-            yield page
-            if not page.get("IsTruncated"):
-                return
-            token = page.get("NextContinuationToken")
-
     async def clients(self) -> list[str]:
         found = []
-        async for page in self._list(self.keys.backups, "/"):
+        async for page in list_pages(self.bucket, self.keys.backups, "/"):
             for common in page.get("CommonPrefixes", []):
                 name = str(common["Prefix"])[len(self.keys.backups):].rstrip("/")
                 try:
@@ -291,7 +278,7 @@ class S3Storage:
     async def list_backups(self, client: str) -> list[BackupRecord]:
         prefix = self.keys.client_backups(client)
         ids = []
-        async for page in self._list(prefix):
+        async for page in list_pages(self.bucket, prefix):
             for obj in page.get("Contents", []):
                 split = self.keys.split_backup_key(str(obj["Key"]))
                 if split is not None and split[2] == RECORD_NAME:
@@ -379,63 +366,13 @@ class S3Storage:
     # ---- housekeeping and state ----
 
     def usage(self) -> tuple[int, int | None]:
-        return self._used_bytes, None
+        return self.expiry.used_bytes, None
 
     def partial_count(self) -> int:
-        return self._partials
+        return self.expiry.partials
 
     async def expire_partials(self) -> int:
-        """Abort (on S3) and remove sessions idle past partial_ttl_s, abort multipart uploads
-        no session owns (a one-shot upload cut short by a crash), refresh the usage figures."""
-        now = time.time()
-        removed = 0
-        live_uploads: set[str] = set()
-        partials = 0
-        async for page in self._list(self.keys.sessions):
-            for obj in page.get("Contents", []):
-                key = str(obj["Key"])
-                parts = key[len(self.keys.sessions):].split("/")
-                if len(parts) != 3 or parts[2] != "state.json":
-                    continue
-                client, uid = parts[0], parts[1]
-                try:
-                    st = await self.sessions.load(client, uid)
-                except (Conflict, InvalidId):
-                    continue
-                idle_s = now - obj["LastModified"].timestamp()
-                if idle_s > self.partial_ttl_s and not self.sessions.lock(client, uid).locked():
-                    await self.sessions.remove(st)
-                    removed += 1
-                else:
-                    live_uploads.add(st.upload_id)
-                    partials += 1
-        listing = await self.bucket.call("list", "list_multipart_uploads", Prefix=self.keys.root)
-        for upload in listing.get("Uploads", []):
-            started = upload.get("Initiated")
-            if upload["UploadId"] in live_uploads or not isinstance(started, dt.datetime):
-                continue
-            if now - started.timestamp() > self.partial_ttl_s:
-                await self.bucket.call("abort_multipart", "abort_multipart_upload",
-                                       Key=upload["Key"], UploadId=upload["UploadId"],
-                                       expect=("NoSuchUpload",))
-                removed += 1
-        self._partials = partials
-        await self._scan_usage()
-        return removed
-
-    async def _scan_usage(self) -> None:
-        used = 0
-        async for page in self._list(self.keys.backups):
-            for obj in page.get("Contents", []):
-                if str(obj["Key"]).endswith("/" + DATA_NAME):
-                    used += int(obj.get("Size", 0))
-        self._used_bytes = used
-
-    async def _scan(self) -> None:
-        try:
-            await self._scan_usage()
-        except StoreUnavailable as exc:
-            logger.warning("usage scan failed: {}", exc)
+        return await self.expiry.run()
 
     async def health(self) -> dict[str, Any]:
         state = {"backend": self.name, "bucket": self.cfg.bucket,
