@@ -73,6 +73,7 @@ def referenced_file_problems(cfg: Config) -> list[FileProblem]:
         (cfg.remote.token_file, "[remote] token_file", True),
         (cfg.receiver.tokens_file, "[receiver] tokens_file", False),
         (cfg.receiver.tls_key, "[receiver] tls_key", True),
+        (cfg.receiver.storage.credentials_file, "[receiver.storage] credentials_file", True),
     ]
     found = [file_mode_problem(p, what, secret=secret) for p, what, secret in files
              if p is not None]
