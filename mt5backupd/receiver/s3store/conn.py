@@ -41,7 +41,7 @@ def error_status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
-def content_md5(data: bytes | bytearray) -> str:
+def content_md5(data: bytes | bytearray | memoryview) -> str:
     """Content-MD5 for a PUT: the store refuses a body damaged on the way (and Object Lock
     writes require it)."""
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()

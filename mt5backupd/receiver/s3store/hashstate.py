@@ -56,8 +56,8 @@ class ResumableSha256:
         if _lib().SHA256_Init(self._ctx) != 1:
             raise OSError("SHA256_Init failed")
 
-    def update(self, data: bytes | bytearray) -> None:
-        if isinstance(data, bytearray) and data:  # from_buffer shares the memory, no copy
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, bytes) and len(data):  # from_buffer shares the memory, no copy
             buf = (ctypes.c_char * len(data)).from_buffer(data)
             _lib().SHA256_Update(self._ctx, ctypes.cast(buf, ctypes.c_char_p), len(data))
             return

@@ -9,6 +9,8 @@ the part), and while a part is on its way the next chunk is not read, so a fast 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import io
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +20,57 @@ from mt5backupd.receiver.storage.errors import TooLarge
 
 MIN_PART_BYTES = 5 * 1024**2  # S3's floor for every part but the last
 MAX_PARTS = 10_000  # S3's ceiling on part numbers
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def pin_mmap_threshold(threshold_bytes: int = 1024 * 1024) -> bool:
+    """Have glibc serve every allocation of 1 MiB and more (part buffers) with its own mmap,
+    returned to the system when freed. By default glibc raises that threshold after the first
+    big free, and part buffers then come from the heap, whose freed space stays in the RSS:
+    several parts' worth per upload over time. False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False
+
+
+class PartBody(io.RawIOBase):
+    """A part's buffer as a file, without a copy: aiohttp then sends it 64 KiB at a time. As
+    bytes it would be written whole, and Python 3.11's transport copies whatever the socket
+    does not take at once: up to a second part's worth of memory per upload."""
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._view = data
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        chunk = self._view[self._pos:self._pos + len(buffer)]
+        n = len(chunk)
+        memoryview(buffer)[:n] = chunk
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __len__(self) -> int:
+        return len(self._view)
+
 
 
 @dataclass
@@ -42,12 +95,31 @@ class PartWriter:
     offset: int
     on_bytes: Callable[[int], None]
     parts: list[Part] = field(default_factory=list)
-    buf: bytearray = field(default_factory=bytearray)
     on_part: Callable[[], Awaitable[None]] | None = None
+    # one part's buffer, allocated once at its full size and reused (no growth, no copies)
+    _buf: bytearray | None = None
+    _fill: int = 0
+
+    @property
+    def buffered(self) -> memoryview:
+        """The bytes received but not yet in a part."""
+        return memoryview(self._buf or b"")[:self._fill]
 
     @property
     def received(self) -> int:
-        return self.offset + len(self.buf)
+        return self.offset + self._fill
+
+    def _put(self, data: memoryview | bytes) -> int:
+        if self._buf is None:
+            self._buf = bytearray(self.part_size)
+        n = min(len(data), self.part_size - self._fill)
+        self._buf[self._fill:self._fill + n] = data[:n]
+        self._fill += n
+        return n
+
+    def preload(self, tail: bytes) -> None:
+        """Start from a session's stored tail."""
+        self._put(tail)
 
     async def feed(self, chunk: bytes) -> None:
         if self.received + len(chunk) > self.limit:
@@ -55,28 +127,31 @@ class PartWriter:
         self.on_bytes(len(chunk))
         view = memoryview(chunk)
         while view:
-            room = self.part_size - len(self.buf)
-            self.buf += view[:room]
-            view = view[room:]
-            if len(self.buf) >= self.part_size:
+            view = view[self._put(view):]
+            if self._fill >= self.part_size:
                 await self.flush()
 
     async def flush(self) -> None:
         """Upload what is buffered as the next part (the caller knows it may: at least
         MIN_PART_BYTES, or the last part)."""
-        data, self.buf = self.buf, bytearray()
+        data = self.buffered
         number = self.parts[-1].number + 1 if self.parts else 1
         if number > MAX_PARTS:
             raise TooLarge(f"upload needs more than {MAX_PARTS} parts of {self.part_size} bytes")
         hashing = asyncio.create_task(asyncio.to_thread(self.hasher.update, data))
         try:
             md5 = await asyncio.to_thread(content_md5, data)
-            resp = await self.bucket.call("upload_part", "upload_part", Key=self.key,
-                                          UploadId=self.upload_id, PartNumber=number,
-                                          Body=data, ContentMD5=md5)
+            body = PartBody(data)
+            try:
+                resp = await self.bucket.call("upload_part", "upload_part", Key=self.key,
+                                              UploadId=self.upload_id, PartNumber=number,
+                                              Body=body, ContentMD5=md5)
+            finally:
+                body.close()
         finally:
             await hashing  # the thread uses ``data``; never leave it running behind us
         self.parts.append(Part(number, str(resp["ETag"]), len(data)))
         self.offset += len(data)
+        self._fill = 0
         if self.on_part is not None:
             await self.on_part()

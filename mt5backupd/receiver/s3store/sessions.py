@@ -208,7 +208,8 @@ class Sessions:
             old_tail = st.tail_key
             writer = PartWriter(self.bucket, st.key, st.upload_id, self.part_size,
                                 self.hasher(st), limit, st.parts_bytes, self.on_bytes,
-                                parts=st.parts, buf=bytearray(await self.read_tail(st)))
+                                parts=st.parts)
+            writer.preload(await self.read_tail(st))
 
             async def part_done() -> None:
                 st.hash_state = writer.hasher.state()
@@ -241,10 +242,11 @@ class Sessions:
     async def _settle(self, st: State, writer: PartWriter) -> None:
         """At the end of a request: what is in memory becomes durable, as a part when it may
         be one, else as the session's tail object."""
-        if len(writer.buf) >= MIN_PART_BYTES:
+        pending = writer.buffered
+        if len(pending) >= MIN_PART_BYTES:
             await writer.flush()
-        elif writer.buf and len(writer.buf) != st.tail_size:
-            data = bytes(writer.buf)
+        elif pending and len(pending) != st.tail_size:
+            data = bytes(pending)
             key = self.keys.session_tail(st.client, st.uid, secrets.token_hex(8))
             await self.bucket.call("put", "put_object", Key=key, Body=data,
                                    ContentMD5=content_md5(data))

@@ -22,7 +22,7 @@ from mt5backupd.receiver.s3store.conn import Bucket, RequestCallback, list_pages
 from mt5backupd.receiver.s3store.expiry import Expiry
 from mt5backupd.receiver.s3store.hashstate import ResumableSha256
 from mt5backupd.receiver.s3store.keys import RECORD_NAME
-from mt5backupd.receiver.s3store.parts import PartWriter
+from mt5backupd.receiver.s3store.parts import PartWriter, pin_mmap_threshold
 from mt5backupd.receiver.s3store.publish import Publisher
 from mt5backupd.receiver.s3store.sessions import ABORT_WAIT_S, Sessions, State
 from mt5backupd.receiver.storage.api import DOWNLOAD_CHUNK_BYTES, Pruned, SessionRef
@@ -103,6 +103,7 @@ class S3Storage:
         self.expiry = Expiry(self.bucket, self.sessions, partial_ttl_s)
 
     async def start(self) -> None:
+        pin_mmap_threshold()
         await self.bucket.open()
         try:
             await self.bucket.preflight()
@@ -176,7 +177,8 @@ class S3Storage:
         if tail:
             writer = PartWriter(self.bucket, st.key, st.upload_id, self.cfg.part_size_bytes,
                                 hasher, st.offset, st.parts_bytes, lambda _n: None,
-                                parts=st.parts, buf=bytearray(tail))
+                                parts=st.parts)
+            writer.preload(tail)
             await writer.flush()
             st.hash_state = writer.hasher.state()
             old_tail, st.tail_key, st.tail_size = st.tail_key, None, 0
@@ -214,7 +216,7 @@ class S3Storage:
         try:
             async for chunk in chunks:
                 await writer.feed(chunk)
-            if writer.buf or not writer.parts:
+            if writer.buffered or not writer.parts:
                 await writer.flush()
             await self.bucket.call(
                 "complete_multipart", "complete_multipart_upload", Key=key,
