@@ -25,11 +25,12 @@ MAX_PARTS = 10_000  # S3's ceiling on part numbers
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
-def pin_mmap_threshold(threshold_bytes: int = 1024 * 1024) -> bool:
-    """Have glibc serve every allocation of 1 MiB and more (part buffers) with its own mmap,
-    returned to the system when freed. By default glibc raises that threshold after the first
-    big free, and part buffers then come from the heap, whose freed space stays in the RSS:
-    several parts' worth per upload over time. False where there is no glibc."""
+def pin_mmap_threshold(threshold_bytes: int = 4 * 1024 * 1024) -> bool:
+    """Have glibc serve part buffers (>= 5 MiB) with their own mmap, returned to the system
+    when an upload ends. mt5backupd.tuning sets the threshold to 32 MiB and keeps freed heap for
+    the filesystem path's 1 MiB buffers; part buffers from that heap would stay in the RSS after
+    their uploads, several parts' worth over time. 4 MiB keeps the 1 MiB body chunks on the
+    heap as tuned. False where there is no glibc."""
     try:
         libc = ctypes.CDLL(None)
         return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))
