@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.receiver_harness",
     "tests.backup_fixtures",
     "tests.netfaults",
+    "tests.s3_fixtures",
 ]

@@ -133,3 +133,35 @@ def test_example_config_parses_and_every_key_is_documented() -> None:
         assert f"## `[{section}]`" in docs, section
         body = docs.split(f"## `[{section}]`", 1)[1].split("\n## ", 1)[0]
         assert re.search(rf"^\|[^|]*`{key}`", body, flags=re.M), f"[{section}] {key}"
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ('backend = "s3"', "[receiver.storage] bucket: is required"),
+    ('backend = "s3"\nbucket = "b"\npart_size_bytes = 1048576',
+     "part_size_bytes: must be >= 5242880"),
+    ('backend = "gcs"', "backend: must be one of filesystem, s3"),
+    ('backend = "s3"\nbucket = "b"\naws_access_key_id = "AKIA"', "aws_access_key_id: bucket "
+     "credentials never go in the config file"),
+    ('backend = "s3"\nbucket = "b"\nobject_lock_mode = "STRICT"', "object_lock_mode: must be one"),
+    ('backend = "s3"\nbucket = "b"\nendpoint_url = "minio:9000"', "endpoint_url: expected http"),
+])
+def test_receiver_storage_refusals(tmp_path: Path, body: str, message: str) -> None:
+    """Bad [receiver.storage] values, and any credential in it, are refused naming the key."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[receiver.storage]\n{body}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, env={})
+    assert message in str(err.value)
+    assert "AKIA" not in str(err.value)
+
+
+def test_receiver_storage_s3_loads(tmp_path: Path) -> None:
+    """A full s3 table loads into StorageConfig."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[receiver.storage]\nbackend = "s3"\nbucket = "b"\nprefix = "mt5/"\n'
+                   'endpoint_url = "http://127.0.0.1:9000"\naddressing_style = "path"\n'
+                   'object_lock_days = 30\nobject_lock_mode = "COMPLIANCE"\n')
+    storage = load_config(cfg, env={}).receiver.storage
+    assert (storage.backend, storage.bucket, storage.prefix, storage.object_lock_days,
+            storage.object_lock_mode, storage.part_size_bytes) == (
+        "s3", "b", "mt5/", 30, "COMPLIANCE", 16 * 1024**2)

@@ -249,7 +249,7 @@ async def test_partial_expiry_and_restart_rehash(tmp_path: Path) -> None:
     try:
         # The expiry task runs at start-up; calling it again must find nothing more to do.
         await wait_until(lambda: not idle_data.exists(), 10, "the start-up expiry")
-        assert running.app[STORAGE_KEY].expire_partials() == 0
+        assert await running.app[STORAGE_KEY].expire_partials() == 0
         assert not idle_data.exists()
         async with aiohttp.ClientSession() as http:
             async with http.head(f"{running.url}/api/v1/uploads/{uids[0]}", headers=h) as resp:

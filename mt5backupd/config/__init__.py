@@ -39,6 +39,7 @@ from mt5backupd.config.model import (
     RepositoryConfig,
     RetentionConfig,
     ScheduleConfig,
+    StorageConfig,
 )
 from mt5backupd.config.secret import Secret
 from mt5backupd.config.urls import is_plain_http_remote, normalize_remote_url
@@ -66,6 +67,7 @@ __all__ = [
     "ScheduleChecks",
     "ScheduleConfig",
     "Secret",
+    "StorageConfig",
     "file_mode_problems",
     "is_plain_http_remote",
     "load_config",

@@ -74,6 +74,7 @@ def referenced_file_problems(cfg: Config) -> list[FileProblem]:
         (cfg.receiver.tokens_file, "[receiver] tokens_file", False),
         (cfg.receiver.tls_key, "[receiver] tls_key", True),
         (cfg.encryption.identity_file, "[encryption] identity_file", True),
+        (cfg.receiver.storage.credentials_file, "[receiver.storage] credentials_file", True),
     ]
     found = [file_mode_problem(p, what, secret=secret) for p, what, secret in files
              if p is not None]

@@ -24,7 +24,11 @@ from mt5backupd.config.legacy_env import (
     read_env_file,
 )
 from mt5backupd.config.model import (
+    ADDRESSING_STYLES,
+    OBJECT_LOCK_MODES,
     ON_UNAVAILABLE,
+    S3_MIN_PART_BYTES,
+    STORAGE_BACKENDS,
     Config,
     DaemonConfig,
     DatabaseConfig,
@@ -40,6 +44,7 @@ from mt5backupd.config.model import (
     RepositoryConfig,
     RetentionConfig,
     ScheduleConfig,
+    StorageConfig,
 )
 from mt5backupd.config.secret import Secret
 from mt5backupd.config.section import Section, parse_listen
@@ -58,6 +63,40 @@ class ScheduleChecks:
 
     timezone: Callable[[str], object]  # an IANA zone name
     cron: Callable[[str, str], object]  # (cron expression, zone name; "" = the system's)
+
+
+# Keys that would put a bucket credential in the TOML: refused by name, never read.
+_S3_SECRET_KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+                   "access_key", "secret_key", "access_key_id", "secret_access_key")
+
+
+def _load_storage(sec: Section) -> StorageConfig:
+    d = StorageConfig()
+    for key in _S3_SECRET_KEYS:
+        if key in sec.table:
+            raise sec.error(key, "bucket credentials never go in the config file: use the "
+                            "AWS credential chain (AWS_* environment, ~/.aws/credentials, "
+                            "credentials_file = PATH or a systemd credential)")
+    cfg = StorageConfig(
+        backend=sec.choice("backend", d.backend, STORAGE_BACKENDS),
+        endpoint_url=sec.opt_str("endpoint_url") or None,
+        bucket=sec.get("bucket", str, d.bucket),
+        prefix=sec.get("prefix", str, d.prefix),
+        region=sec.opt_str("region") or None,
+        addressing_style=sec.choice("addressing_style", d.addressing_style, ADDRESSING_STYLES),
+        part_size_bytes=sec.int_min("part_size_bytes", d.part_size_bytes, S3_MIN_PART_BYTES),
+        credentials_file=sec.opt_path("credentials_file"),
+        object_lock_days=sec.int_min("object_lock_days", d.object_lock_days, 0),
+        object_lock_mode=sec.choice("object_lock_mode", d.object_lock_mode, OBJECT_LOCK_MODES),
+    )
+    if cfg.backend == "s3" and not cfg.bucket:
+        raise sec.error("bucket", 'is required with backend = "s3"')
+    if cfg.prefix.startswith("/") or "//" in cfg.prefix:
+        raise sec.error("prefix", f"must not start with / or contain //, got {cfg.prefix!r}")
+    if cfg.endpoint_url is not None and not cfg.endpoint_url.startswith(("http://", "https://")):
+        raise sec.error("endpoint_url", f"expected http(s)://HOST[:PORT], got {cfg.endpoint_url!r}")
+    sec.finish()
+    return cfg
 
 
 def _load_receiver(sec: Section) -> ReceiverConfig:
@@ -87,6 +126,7 @@ def _load_receiver(sec: Section) -> ReceiverConfig:
         tls_cert=sec.opt_path("tls_cert"),
         tls_key=sec.opt_path("tls_key"),
         retention=retention,
+        storage=_load_storage(sec.sub("storage")),
     )
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         missing = "tls_key" if cfg.tls_key is None else "tls_cert"

@@ -25,6 +25,29 @@ class RetentionConfig:
         return not (self.keep_last or self.keep_daily or self.keep_weekly or self.keep_monthly)
 
 
+STORAGE_BACKENDS = ("filesystem", "s3")
+ADDRESSING_STYLES = ("auto", "path", "virtual")
+OBJECT_LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+S3_MIN_PART_BYTES = 5 * 1024**2  # S3's own floor for every part but the last
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """[receiver.storage]: where committed backups live. Bucket credentials come from the AWS
+    chain (environment, shared credentials file, ``credentials_file``), never from this file."""
+
+    backend: str = "filesystem"
+    endpoint_url: str | None = None  # None: AWS itself
+    bucket: str = ""
+    prefix: str = ""
+    region: str | None = None
+    addressing_style: str = "auto"
+    part_size_bytes: int = 16 * 1024**2
+    credentials_file: Path | None = None
+    object_lock_days: int = 0  # 0: no retention set on committed objects
+    object_lock_mode: str = "GOVERNANCE"
+
+
 @dataclass(frozen=True)
 class ReceiverConfig:
     listen_host: str = "0.0.0.0"  # noqa: S104 - the receiver serves other machines by design
@@ -40,6 +63,7 @@ class ReceiverConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 @dataclass(frozen=True)

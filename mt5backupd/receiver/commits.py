@@ -3,8 +3,6 @@ retention policy when [receiver] retention is automatic."""
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 from loguru import logger
 
@@ -23,12 +21,13 @@ async def after_commit(request: web.Request, record: BackupRecord) -> None:
     if retention.auto:
         policy = Policy(retention.keep_last, retention.keep_daily, retention.keep_weekly,
                         retention.keep_monthly)
-        # Listing and rmtree of whole backups: a worker thread, so other requests go on.
         try:
-            removed = await asyncio.to_thread(request.app[STORAGE_KEY].prune, client, policy)
+            pruned = await request.app[STORAGE_KEY].prune(client, policy)
         except (StorageError, OSError) as exc:
             # the backup is committed: a failed clean-up must never turn its answer into an error
             log.warning("retention after committing {} failed: {}", record.id, exc)
             return
-        for gone in removed:
+        for gone in pruned.removed:
             log.info("retention removed {}", gone.id)
+        for kept in pruned.locked:
+            log.info("retention kept {}: under object lock", kept.id)

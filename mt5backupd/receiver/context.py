@@ -9,9 +9,9 @@ from mt5backupd.config import ReceiverConfig
 from mt5backupd.receiver.auth import Forbidden, Principal, TokenStore
 from mt5backupd.receiver.metrics import ReceiverMetrics
 from mt5backupd.receiver.noise import NoiseLog
-from mt5backupd.receiver.storage import Storage
+from mt5backupd.receiver.storage.api import StorageBackend
 
-STORAGE_KEY = web.AppKey("storage", Storage)
+STORAGE_KEY = web.AppKey("storage", StorageBackend)
 TOKENS_KEY = web.AppKey("tokens", TokenStore)
 METRICS_KEY = web.AppKey("metrics", ReceiverMetrics)
 CONFIG_KEY = web.AppKey("config", ReceiverConfig)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -29,13 +36,18 @@ REJECTION_REASONS = (
     "size_mismatch",
     "request_timeout",  # a body that stopped arriving (408)
     "malformed_request",  # not parseable as HTTP (400 before any route or auth)
+    "store_unavailable",  # the object store did not answer (503, Retry-After)
+    "object_locked",  # a delete refused: the backup is under Object Lock retention
 )
+STORAGE_OPS = ("put", "get", "head", "list", "delete", "create_multipart", "upload_part",
+               "upload_part_copy", "complete_multipart", "abort_multipart", "retention")
 
 
 class _StorageCollector(Collector):
     """Reads usage at scrape time, so the numbers are never stale."""
 
-    def __init__(self, usage: Callable[[], tuple[int, int]], partials: Callable[[], int]) -> None:
+    def __init__(self, usage: Callable[[], tuple[int, int | None]],
+                 partials: Callable[[], int]) -> None:
         self._usage = usage
         self._partials = partials
 
@@ -43,8 +55,9 @@ class _StorageCollector(Collector):
         used, free = self._usage()
         yield GaugeMetricFamily(f"{PREFIX}_storage_used_bytes",
                                 "Bytes held by committed backups", value=used)
-        yield GaugeMetricFamily(f"{PREFIX}_storage_free_bytes",
-                                "Bytes free on the data_dir filesystem", value=free)
+        if free is not None:  # an object store has no "free": the gauge is absent there
+            yield GaugeMetricFamily(f"{PREFIX}_storage_free_bytes",
+                                    "Bytes free on the data_dir filesystem", value=free)
         yield GaugeMetricFamily(f"{PREFIX}_partial_uploads",
                                 "Uploads not yet committed or aborted: resumable ones, and "
                                 "one-shot ones being received (or left by a crash until the "
@@ -66,10 +79,23 @@ class ReceiverMetrics:
                                   ["reason"], registry=r)
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)
+        self.storage_requests = Counter(
+            f"{PREFIX}_storage_requests", "Requests to the object store, by operation and "
+            "result (ok, refused: a 4xx the receiver expects and handles, unavailable)",
+            ["op", "result"], registry=r)
+        self.storage_request_seconds = Histogram(
+            f"{PREFIX}_storage_request_seconds", "Object store request latency", ["op"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r)
         for kind in ("database", "repository"):
             self.commits.labels(kind=kind)
         Info(f"{PREFIX}_build", "Receiver version", registry=r).info({"version": __version__})
 
-    def watch_storage(self, usage: Callable[[], tuple[int, int]],
+    def storage_request(self, op: str, result: str, seconds: float) -> None:
+        """One object store request, as the S3 backend reports it."""
+        self.storage_requests.labels(op=op, result=result).inc()
+        self.storage_request_seconds.labels(op=op).observe(seconds)
+
+    def watch_storage(self, usage: Callable[[], tuple[int, int | None]],
                       partials: Callable[[], int]) -> None:
         self.registry.register(_StorageCollector(usage, partials))

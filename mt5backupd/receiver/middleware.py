@@ -29,11 +29,13 @@ from mt5backupd.receiver.storage import (
     RequestTimeout,
     SizeMismatch,
     StorageError,
+    StoreUnavailable,
     TooLarge,
     UploadBusy,
 )
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+RETRY_AFTER_S = 5  # what a 503 for an unreachable object store asks the client to wait
 
 # Looked up along the refusal's MRO, so a subclass takes its nearest listed ancestor's status
 # (InvalidId is a BadRequest: 400) and a new StorageError without a row of its own is a 400.
@@ -49,6 +51,7 @@ STATUS_BY_TYPE: dict[type[Exception], int] = {
     ChecksumMismatch: 422,
     SizeMismatch: 422,
     InsufficientStorage: 507,
+    StoreUnavailable: 503,
     StorageError: 400,  # a refusal of the request as sent
 }
 Refusal = StorageError | Forbidden
@@ -81,6 +84,8 @@ def _refused(request: web.Request, exc: Refusal) -> web.Response:
     )
     resp = error_response(http_status(exc), exc.reason, str(exc), **extra)
     resp.headers.update(headers)
+    if isinstance(exc, StoreUnavailable):
+        resp.headers["Retry-After"] = str(RETRY_AFTER_S)
     if isinstance(exc, RequestTimeout):
         resp.force_close()  # the rest of the body may never come: do not wait for it
     return resp

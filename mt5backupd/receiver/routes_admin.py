@@ -29,14 +29,15 @@ RETENTION_KEYS = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly")
 
 
 async def health(request: web.Request) -> web.Response:
-    storage = request.app[STORAGE_KEY]
-    _used, free = await asyncio.get_running_loop().run_in_executor(None, storage.usage)
+    state = await request.app[STORAGE_KEY].health()
+    healthy = state.get("state") == "ok"
     return web.json_response({
-        "status": "ok",
+        "status": "ok" if healthy else "degraded",
         "version": __version__,
         "uptime_s": round(time.monotonic() - request.app[STARTED_KEY], 3),
-        "storage_free_bytes": free,
-    })
+        "storage_free_bytes": state.get("free_bytes"),
+        "storage": state,
+    }, status=200 if healthy else 503)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -56,8 +57,7 @@ async def whoami(request: web.Request) -> web.Response:
 async def delete_backup(request: web.Request) -> web.Response:
     admin = require_admin(request)
     client = target_client(request)
-    record = await asyncio.to_thread(request.app[STORAGE_KEY].delete, client,
-                                     request.match_info["id"])
+    record = await request.app[STORAGE_KEY].delete(client, request.match_info["id"])
     logger.bind(client=client).warning("admin {} deleted backup {}", admin.name, record.id)
     return web.json_response({"deleted": record.to_json()})
 
@@ -77,13 +77,17 @@ async def prune(request: web.Request) -> web.Response:
     storage = request.app[STORAGE_KEY]
     wanted = body.get("client")
 
-    def prune_all() -> list[BackupRecord]:
-        clients = [wanted] if isinstance(wanted, str) else storage.clients()
-        return [r for c in clients for r in storage.prune(c, policy, dry_run=dry_run)]
-
-    removed = [r.to_json() for r in await asyncio.to_thread(prune_all)]
-    logger.info("admin {} pruned {} backups (dry_run={})", admin.name, len(removed), dry_run)
-    return web.json_response({"removed": removed, "count": len(removed), "dry_run": dry_run})
+    clients = [wanted] if isinstance(wanted, str) else await storage.clients()
+    removed: list[BackupRecord] = []
+    locked: list[BackupRecord] = []
+    for client in clients:
+        pruned = await storage.prune(client, policy, dry_run=dry_run)
+        removed += pruned.removed
+        locked += pruned.locked
+    logger.info("admin {} pruned {} backups (dry_run={}; {} kept under object lock)",
+                admin.name, len(removed), dry_run, len(locked))
+    return web.json_response({"removed": [r.to_json() for r in removed], "count": len(removed),
+                              "dry_run": dry_run, "locked": [r.to_json() for r in locked]})
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

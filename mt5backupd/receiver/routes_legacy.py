@@ -4,7 +4,6 @@ ETag, the ``.sha256`` sidecar)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -28,8 +27,6 @@ from mt5backupd.receiver.noise import short
 from mt5backupd.receiver.ranges import RangeMalformed, RangeNotSatisfiable, parse_range
 from mt5backupd.receiver.storage import BadRequest, TempUpload
 from mt5backupd.records import sidecar_line
-
-DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 
 
 def _default_name() -> str:
@@ -69,7 +66,7 @@ async def legacy_upload(request: web.Request) -> web.Response:
                                             expected)
     finally:
         if temp is not None:
-            storage.discard_temp(temp)
+            await storage.discard_temp(temp)
     await after_commit(request, record)
     return web.json_response({"status": "ok", **record.to_json()})
 
@@ -119,7 +116,7 @@ async def _legacy_multipart(
             raise BadRequest("multipart upload without a 'file' field")
     except BaseException:
         if temp is not None:
-            storage.discard_temp(temp)
+            await storage.discard_temp(temp)
         raise
     return temp, name, kind, expected, metadata
 
@@ -128,10 +125,10 @@ async def list_backups(request: web.Request) -> web.Response:
     storage = request.app[STORAGE_KEY]
     caller = principal(request)
     if caller.admin and "client" not in request.query:
-        clients = storage.clients()
+        clients = await storage.clients()
     else:
         clients = [target_client(request)]
-    records = [r.to_json() for c in clients for r in storage.list_backups(c)]
+    records = [r.to_json() for c in clients for r in await storage.list_backups(c)]
     return web.json_response({"backups": records, "count": len(records)})
 
 
@@ -140,10 +137,10 @@ async def download(request: web.Request) -> web.StreamResponse:
     client = target_client(request)
     raw_id = request.match_info["id"]
     if raw_id.endswith(SIDECAR_SUFFIX):
-        record = storage.get(client, raw_id.removesuffix(SIDECAR_SUFFIX))
+        record = await storage.get(client, raw_id.removesuffix(SIDECAR_SUFFIX))
         return web.Response(text=sidecar_line(record.sha256, record.id),
                             headers={"X-Content-SHA256": record.sha256})
-    record, fh = storage.open_data(client, raw_id)
+    record, reader = await storage.open_data(client, raw_id)
     try:
         etag = f'"{record.sha256}"'
         headers = {
@@ -175,27 +172,24 @@ async def download(request: web.Request) -> web.StreamResponse:
         await resp.prepare(request)
         if request.method == "HEAD":
             return resp
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, fh.seek, start)
         remaining = length
-        while remaining > 0:
-            block = await loop.run_in_executor(None, fh.read, min(DOWNLOAD_CHUNK_BYTES, remaining))
-            if not block:
-                # The file on disk is shorter than its record (truncated by someone or a
-                # failing disk). The promised Content-Length can never be met: close now, so
-                # the client fails at once instead of waiting for bytes until its timeout.
-                logger.bind(client=client).error(
-                    "backup {} is truncated on disk ({} bytes short of its {}-byte record); "
-                    "download closed", record.id, remaining, record.size)
-                if request.transport is not None:
-                    request.transport.close()
-                return resp
+        async for block in reader.chunks(start, length):
             await resp.write(block)
             remaining -= len(block)
+        if remaining > 0:
+            # The stored data is shorter than its record (truncated by someone or a failing
+            # disk). The promised Content-Length can never be met: close now, so the client
+            # fails at once instead of waiting for bytes until its timeout.
+            logger.bind(client=client).error(
+                "backup {} is truncated in storage ({} bytes short of its {}-byte record); "
+                "download closed", record.id, remaining, record.size)
+            if request.transport is not None:
+                request.transport.close()
+            return resp
         await resp.write_eof()
         return resp
     finally:
-        fh.close()
+        await reader.close()
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

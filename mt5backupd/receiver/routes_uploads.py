@@ -35,7 +35,7 @@ async def create_upload(request: web.Request) -> web.Response:
 
 
 async def upload_status(request: web.Request) -> web.Response:
-    info = request.app[STORAGE_KEY].session_info(principal(request).name,
+    info = await request.app[STORAGE_KEY].session_info(principal(request).name,
                                                  request.match_info["uid"])
     headers = {"Upload-Offset": str(info["offset"]), "Cache-Control": "no-store"}
     if info["expected_size"] is not None:

@@ -33,7 +33,8 @@ from mt5backupd.receiver.metrics import ReceiverMetrics
 from mt5backupd.receiver.middleware import errors_and_auth
 from mt5backupd.receiver.noise import NoiseLog
 from mt5backupd.receiver.protocol import HardenedRunner
-from mt5backupd.receiver.storage import Storage
+from mt5backupd.receiver.storage import Storage, StorageError
+from mt5backupd.receiver.storage.api import FilesystemBackend, StorageBackend
 from mt5backupd.sdnotify import SystemdNotifier
 from mt5backupd.webapp import start_site
 
@@ -47,10 +48,10 @@ async def _expire_loop(app: web.Application) -> AsyncIterator[None]:
     async def loop() -> None:
         while True:
             try:
-                removed = storage.expire_partials()
+                removed = await storage.expire_partials()
                 if removed:
                     logger.info("expired {} idle partial uploads", removed)
-            except OSError as exc:
+            except (OSError, StorageError) as exc:
                 logger.warning("partial upload expiry failed: {}", exc)
             await asyncio.sleep(interval_s)
 
@@ -61,17 +62,32 @@ async def _expire_loop(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-def make_app(cfg: ReceiverConfig, tokens: TokenStore,
-             metrics: ReceiverMetrics | None = None, *,
-             body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S) -> web.Application:
-    metrics = metrics or ReceiverMetrics()
-    storage = Storage(
+def make_backend(cfg: ReceiverConfig, metrics: ReceiverMetrics) -> StorageBackend:
+    """The configured storage backend, not yet started (``await backend.start()``)."""
+    if cfg.storage.backend == "s3":
+        from mt5backupd.receiver.s3store import S3Storage  # aiobotocore: imported only here
+
+        return S3Storage(cfg.storage, max_upload_bytes=cfg.max_upload_bytes,
+                         partial_ttl_s=cfg.partial_ttl_s, on_bytes=metrics.bytes_received.inc,
+                         on_request=metrics.storage_request)
+    return FilesystemBackend(Storage(
         cfg.data_dir,
         max_upload_bytes=cfg.max_upload_bytes,
         min_free_bytes=cfg.min_free_bytes,
         partial_ttl_s=cfg.partial_ttl_s,
         on_bytes=metrics.bytes_received.inc,
-    )
+    ))
+
+
+async def _close_storage(app: web.Application) -> None:
+    await app[STORAGE_KEY].close()
+
+
+def make_app(cfg: ReceiverConfig, tokens: TokenStore,
+             metrics: ReceiverMetrics | None = None, *,
+             body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S) -> web.Application:
+    metrics = metrics or ReceiverMetrics()
+    storage = make_backend(cfg, metrics)
     metrics.watch_storage(storage.usage, storage.partial_count)
     app = web.Application(middlewares=[errors_and_auth])
     app[STORAGE_KEY] = storage
@@ -82,6 +98,7 @@ def make_app(cfg: ReceiverConfig, tokens: TokenStore,
     app[BODY_IDLE_KEY] = body_idle_timeout_s
     app[NOISE_KEY] = NoiseLog(metrics)
     app.cleanup_ctx.append(_expire_loop)
+    app.on_cleanup.append(_close_storage)
     routes_admin.add_routes(app.router)
     routes_uploads.add_routes(app.router)
     routes_legacy.add_routes(app.router)
@@ -131,6 +148,8 @@ async def start_receiver(
     """Start serving on cfg.listen_host:cfg.listen_port (port 0 picks a free one)."""
     app = make_app(cfg, tokens, metrics, body_idle_timeout_s=body_idle_timeout_s)
     ctx = ssl_context(cfg)  # before the runner: a bad key leaves nothing to clean up
+    # the store's preflight (an S3 bucket reachable and writable): a ConfigError, exit 4
+    await app[STORAGE_KEY].start()
     # aiohttp's keep-alive timer also runs from the moment a connection opens and only closes
     # a connection that is waiting for request headers: exactly the header timeout.
     runner = HardenedRunner(app, read_bufsize=READ_BUFSIZE, access_log=None,
@@ -150,8 +169,11 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    logger.info("receiver {} listening on {} (data_dir {}, {} tokens)", __version__, running.url,
-                config.receiver.data_dir, len(tokens.entries))
+    store = config.receiver.storage
+    where = (f"s3 bucket {store.bucket} at {store.endpoint_url or 'AWS'}"
+             if store.backend == "s3" else f"data_dir {config.receiver.data_dir}")
+    logger.info("receiver {} listening on {} ({}, {} tokens)", __version__, running.url,
+                where, len(tokens.entries))
     systemd = SystemdNotifier()
     systemd.send("READY=1", f"STATUS=listening on {running.url}")
     try:

@@ -74,3 +74,16 @@ class BadEntry(Exception):
     """A file under the root that is not what the receiver wrote: a symlink, a special file,
     something outside the root, or a record that does not match its place. Never served, and
     never a refusal of the request (the caller logs it and answers as if nothing were there)."""
+
+
+class StoreUnavailable(StorageError):
+    """The object store cannot be reached or answers with a server error: the request may
+    succeed later (503 with Retry-After; the client keeps its backup pending and retries)."""
+
+    reason = "store_unavailable"
+
+
+class ObjectLocked(Conflict):
+    """The backup is under Object Lock retention: no one may delete it before its date."""
+
+    reason = "object_locked"

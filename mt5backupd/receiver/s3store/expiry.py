@@ -1,0 +1,97 @@
+"""Housekeeping of the bucket, run by every replica (each step is idempotent): sessions idle
+past partial_ttl_s aborted on S3 and removed, multipart uploads no session owns aborted, and the
+usage figures (/metrics) refreshed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from loguru import logger
+
+from mt5backupd.receiver.s3store.conn import Bucket, list_pages
+from mt5backupd.receiver.s3store.keys import DATA_NAME
+from mt5backupd.receiver.s3store.sessions import Sessions
+from mt5backupd.receiver.storage.errors import Conflict, InvalidId, StoreUnavailable
+
+
+class Expiry:
+    def __init__(self, bucket: Bucket, sessions: Sessions, partial_ttl_s: float) -> None:
+        self.bucket = bucket
+        self.keys = bucket.keys
+        self.sessions = sessions
+        self.partial_ttl_s = partial_ttl_s
+        self.used_bytes = 0
+        self.partials = 0
+        self._orphans: set[str] = set()  # multipart uploads no session owned at the last scan
+
+    async def run(self) -> int:
+        """Abort (on S3) and remove sessions idle past partial_ttl_s, abort multipart uploads
+        no session owns (a one-shot upload cut short by a crash), refresh the usage figures."""
+        now = time.time()
+        removed = 0
+        live_uploads: set[str] = set()
+        partials = 0
+        async for page in list_pages(self.bucket, self.keys.sessions):
+            for obj in page.get("Contents", []):
+                key = str(obj["Key"])
+                parts = key[len(self.keys.sessions):].split("/")
+                if len(parts) != 3 or parts[2] != "state.json":
+                    continue
+                client, uid = parts[0], parts[1]
+                try:
+                    st = await self.sessions.load(client, uid)
+                except (Conflict, InvalidId):
+                    continue
+                idle_s = now - obj["LastModified"].timestamp()
+                if idle_s > self.partial_ttl_s and not self.sessions.lock(client, uid).locked():
+                    await self.sessions.remove(st)
+                    removed += 1
+                else:
+                    live_uploads.add(st.upload_id)
+                    partials += 1
+        listing = await self.bucket.call("list", "list_multipart_uploads", Prefix=self.keys.root)
+        orphans = set()
+        for upload in listing.get("Uploads", []):
+            upload_id = str(upload["UploadId"])
+            if upload_id in live_uploads:
+                continue
+            if self._orphan_expired(str(upload["Key"]), upload_id, upload.get("Initiated"), now):
+                await self.bucket.call("abort_multipart", "abort_multipart_upload",
+                                       Key=upload["Key"], UploadId=upload_id,
+                                       expect=("NoSuchUpload",))
+                removed += 1
+            else:
+                orphans.add(upload_id)
+        self._orphans = orphans
+        self.partials = partials
+        await self.scan_usage()
+        return removed
+
+    def _orphan_expired(self, key: str, upload_id: str, initiated: Any, now: float) -> bool:
+        """A multipart upload no session owns: a one-shot upload's (``tmp/``, its name tells
+        its age) once older than partial_ttl_s; any other once older by its start date and
+        already ownerless at the previous scan (a session is created just after its multipart
+        upload, so one scan alone could catch it in between). Stores whose listing has no true
+        start date (moto's) fall back to the second rule."""
+        stamp = key.rsplit("/", 1)[-1].split("-", 1)[0]
+        if key.startswith(self.keys.root + "tmp/") and stamp.isdigit():
+            return now - int(stamp) > self.partial_ttl_s
+        old = not isinstance(initiated, dt.datetime) or (
+            now - initiated.timestamp() > self.partial_ttl_s)
+        return old and upload_id in self._orphans
+
+    async def scan_usage(self) -> None:
+        used = 0
+        async for page in list_pages(self.bucket, self.keys.backups):
+            for obj in page.get("Contents", []):
+                if str(obj["Key"]).endswith("/" + DATA_NAME):
+                    used += int(obj.get("Size", 0))
+        self.used_bytes = used
+
+    async def scan_usage_quietly(self) -> None:
+        try:
+            await self.scan_usage()
+        except StoreUnavailable as exc:
+            logger.warning("usage scan failed: {}", exc)
