@@ -73,7 +73,7 @@ def awkward(pg_cluster: PgCluster) -> Iterator[tuple[bytes, dict[str, int]]]:
         counts = {}
         for line in pg_cluster.psql(COUNT_SQL, name).splitlines():
             key, regclass = line.split("|")
-            counts[key] = int(pg_cluster.psql(f"SELECT count(*) FROM {regclass}", name))
+            counts[key] = int(pg_cluster.psql(f"SELECT count(*) FROM {regclass}", name))  # noqa: S608
         dump = subprocess.run(
             [str(pg_cluster.bin_dir / "pg_dump"), "--format=custom", "--compress=0",
              f"--dbname={pg_cluster.dsn(name)}"], capture_output=True, check=True).stdout
