@@ -178,7 +178,9 @@ def synthetic(minor: int, tables: dict[str, bytes], chunk: int) -> bytes:
     out += _str("db") + _str("17.2") + _str("17.2")
     out += _int(len(tables) + 1)
     entries = [(1, "ENCODING", "", "ENCODING", False)]
-    entries += [(i + 2, "TABLE DATA", *name.split("."), True) for i, name in enumerate(tables)]
+    for i, name in enumerate(tables):
+        namespace, tag = name.split(".")
+        entries.append((i + 2, "TABLE DATA", namespace, tag, True))
     for dump_id, desc, namespace, tag, data in entries:
         out += _int(dump_id) + _int(1 if data else 0) + _str("0") + _str("0") + _str(tag)
         out += _str(desc) + _int(2) + _str("") + _str("") + _str(None) + _str(namespace)
