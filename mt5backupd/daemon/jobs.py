@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mt5backupd import runstate as state
 from mt5backupd.backup.pending import pending_command
@@ -22,7 +22,9 @@ from mt5backupd.backup.run import run_backup, run_repository
 from mt5backupd.config import Config
 from mt5backupd.daemon import textfile
 from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError
-from mt5backupd.ops.verify import VerifyOutcome, verify
+
+if TYPE_CHECKING:  # `--run-now` never verifies: it does not import the restore side
+    from mt5backupd.ops.verify import VerifyOutcome
 
 
 async def export_textfile(cfg: Config) -> None:
@@ -92,6 +94,8 @@ async def run_verify(cfg: Config, ref: str = "latest") -> VerifyOutcome:
     measured recovery time)."""
     started, t0 = datetime.now(UTC), time.monotonic()
     try:
+        from mt5backupd.ops.verify import verify
+
         outcome = await verify(cfg, ref)
     except LockHeldError:
         raise
