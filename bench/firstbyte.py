@@ -6,13 +6,13 @@ Run it (from the repository root)::
     .venv/bin/python bench/firstbyte.py --size-mb 300 --python /path/to/other/.venv/bin/python
 
 On a throwaway cluster filled by ``mt5backupd.testkit.sampledata`` and logging every statement
-(``log_statement = all``, with each client's application name and millisecond times), it runs
+(``log_statement = all``, with each session's id and millisecond times), it runs
 ``mt5backupd --run-now`` (local only, no receiver) ``--repeat`` times with the given Python
 (``--python``: another checkout's venv measures the code before a change on the same data) and
 reports:
 
-1. **Queries besides pg_dump's**: every statement the run sent on its own connections (those
-   not named ``pg_dump``), with a count of table scans (``count(*)``).
+1. **Queries besides pg_dump's**: every statement the run sent on its own connections (the
+   sessions that are not pg_dump's), with a count of table scans (``count(*)``).
 2. **Process start to pg_dump's first byte**: from launching the process to the server's log
    of pg_dump's first ``COPY ... TO stdout`` (pg_dump writes the header and table of contents
    just before it, then the data). Median of the runs.
@@ -36,7 +36,10 @@ from mt5backupd.testkit.sampledata import generate
 
 DB = "mt5_trading"
 _LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \S+) \[([^\]]*)\] (?:LOG:\s+)?"
-                   r"statement: (.*)$")
+                   r"(?:statement|execute [^:]*): (.*)$")  # simple and extended protocol
+# pg_dump's sessions are told apart by what only pg_dump sends (its application name is the
+# run's, PGAPPNAME=mt5backupd)
+_PG_DUMP_MARKS = ("set_config('search_path', '', false)", "TO stdout;")
 
 
 def _when(stamp: str) -> float:
@@ -48,26 +51,31 @@ def one_run(pg: PgCluster, python: str, config: Path) -> tuple[float, float, lis
     """(seconds to pg_dump's first COPY, wall seconds, our statements)."""
     offset = pg.log_path.stat().st_size
     launched = time.time()
+    # run from the config's directory: `-m` puts the working directory first on sys.path,
+    # and another checkout's Python must import its own package, not this one
     run = subprocess.run([python, "-m", "mt5backupd", "--run-now", "--config", str(config)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, cwd=config.parent)
     wall = time.time() - launched
     if run.returncode not in (0, 3):
         raise SystemExit(f"--run-now failed ({run.returncode}): {run.stderr[-2000:]}")
     with pg.log_path.open("rb") as fh:
         fh.seek(offset)
         lines = fh.read().decode(errors="replace").splitlines()
-    first_copy = None
-    ours = []
+    sessions: dict[str, list[tuple[str, str]]] = {}
     for line in lines:
         match = _LINE.match(line)
-        if not match:
-            continue
-        stamp, app, statement = match.groups()
-        if app == "pg_dump":
-            if first_copy is None and statement.startswith("COPY "):
-                first_copy = _when(stamp)
+        if match:
+            stamp, session, statement = match.groups()
+            sessions.setdefault(session, []).append((stamp, statement))
+    first_copy = None
+    ours = []
+    for statements in sessions.values():
+        if any(mark in s for _t, s in statements for mark in _PG_DUMP_MARKS):
+            for stamp, statement in statements:
+                if statement.startswith("COPY ") and first_copy is None:
+                    first_copy = _when(stamp)
         else:
-            ours.append(" ".join(statement.split())[:120])
+            ours += [" ".join(s.split())[:120] for _t, s in statements]
     if first_copy is None:
         raise SystemExit("no COPY by pg_dump in the server log")
     return first_copy - launched, wall, ours
@@ -85,7 +93,7 @@ def main() -> int:
         pg.create_database(DB)
         asyncio.run(generate(pg.dsn(DB), target_bytes=int(args.size_mb * 1024 * 1024)))
         pg.psql("ALTER SYSTEM SET log_statement = 'all';"
-                "ALTER SYSTEM SET log_line_prefix = '%m [%a] ';"
+                "ALTER SYSTEM SET log_line_prefix = '%m [%c] ';"
                 "ALTER SYSTEM SET log_timezone = 'UTC';")
         pg.psql("SELECT pg_reload_conf()")
         time.sleep(1)

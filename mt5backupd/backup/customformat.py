@@ -336,13 +336,19 @@ def _bulk(table: _Table, buf: bytes, pos: int) -> int:
 
 
 _np: Any = None
+_np_missing = False
 
 
 def _numpy() -> Any:
-    global _np
-    if _np is None:
-        import numpy
-
+    """numpy, imported once on first use (~60 ms); None when it is not installed, in which case
+    every chunk takes the plain walker (exact too, only slower)."""
+    global _np, _np_missing
+    if _np is None and not _np_missing:
+        try:
+            import numpy
+        except ImportError:
+            _np_missing = True
+            return None
         _np = numpy
     return _np
 
@@ -365,6 +371,8 @@ def _scan_row_chunks(buf: bytes, start: int) -> tuple[int, int]:
     of ``buf``), which the plain walker then handles.
     """
     np = _numpy()
+    if np is None:
+        return start, 0
     view = np.frombuffer(buf, dtype=np.uint8, offset=start)
     size = view.size
     newlines = np.flatnonzero(view == _NL)
