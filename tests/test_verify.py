@@ -1,4 +1,4 @@
-"""Row counts in the dump's snapshot, and `mt5backupd verify` test restores."""
+"""Row counts recorded with a backup, and `mt5backupd verify` test restores."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from mt5backupd import runstate as state
 from mt5backupd.backup import spool
 from mt5backupd.backup.rowcounts import compare
 from mt5backupd.backup.run import run_backup
+from mt5backupd.config import parse_compression
 from mt5backupd.daemon.jobs import run_verify
 from mt5backupd.ops.verify import SCRATCH_PREFIX
 from mt5backupd.testkit.dbcontent import table_row_counts
@@ -47,20 +48,26 @@ def test_compare_counts(expected: dict[str, dict[str, object]], restored: dict[s
         assert fragment in got
 
 
-async def test_counts_recorded_in_the_dump_snapshot(backup_setup: BackupSetup) -> None:
-    """The manifest carries exact per-table counts equal to the source's, and tables over
-    exact_count_max_bytes are marked as estimates."""
-    result = await run_backup(backup_setup.cfg)
+async def test_counts_recorded_from_the_stream_or_the_snapshot(
+        backup_setup: BackupSetup) -> None:
+    """By default the manifest carries exact per-table counts read off the dump stream, equal
+    to the source's, whatever exact_count_max_bytes says; with pg_dump's own gzip they are
+    counted in the dump's snapshot, and tables over exact_count_max_bytes are estimates."""
+    result = await run_backup(backup_setup.with_(database={"exact_count_max_bytes": 0}))
     manifest = spool.load_manifests(backup_setup.cfg.local.dir)[-1]
     counts = manifest.extra["row_counts"]
     source = await table_row_counts(backup_setup.pg.dsn(backup_setup.dbname))
     assert {k.removeprefix("public."): v["rows"] for k, v in counts.items()} == source
     assert all(v["exact"] for v in counts.values())
+    assert manifest.extra["row_counts_source"] == "stream"
+    assert "snapshot" not in manifest.extra
     assert result.ok
-    estimated = await run_backup(backup_setup.with_(database={"exact_count_max_bytes": 0}))
+    estimated = await run_backup(backup_setup.with_(
+        database={"exact_count_max_bytes": 0, "compression": parse_compression("gzip:1")}))
     assert estimated.ok
-    counts = spool.load_manifests(backup_setup.cfg.local.dir)[-1].extra["row_counts"]
-    assert not any(v["exact"] for v in counts.values())
+    manifest = spool.load_manifests(backup_setup.cfg.local.dir)[-1]
+    assert manifest.extra["row_counts_source"] == "snapshot"
+    assert not any(v["exact"] for v in manifest.extra["row_counts"].values())
 
 
 async def test_verify_passes_and_records_metrics(backup_setup: BackupSetup) -> None:

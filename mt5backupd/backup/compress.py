@@ -53,9 +53,11 @@ def pump(
     compression: Compression,
     threads: int,
     on_read: Callable[[int], None] | None = None,
+    inspect: Callable[[bytearray], None] | None = None,
 ) -> int:
     """Blocking (run it in a thread): read ``read_fd`` to EOF, compress per ``compression``
-    (zstd only: gzip is pg_dump's own -Z), write to ``sink``. Returns the raw bytes read."""
+    (zstd only: gzip is pg_dump's own -Z), write to ``sink``. Returns the raw bytes read.
+    ``inspect`` sees every raw batch first (the archive parser that counts rows)."""
     raw = 0
     if compression.kind == "zstd":
         # write_checksum: each frame carries a checksum, so any later decoder (restore,
@@ -67,10 +69,14 @@ def pump(
         with cctx.stream_writer(target, write_size=READ_BYTES, closefd=False) as writer:
             for batch in read_batches(read_fd, on_read):
                 raw += len(batch)
+                if inspect is not None:
+                    inspect(batch)
                 writer.write(batch)
         return raw
     for batch in read_batches(read_fd, on_read):
         raw += len(batch)
+        if inspect is not None:
+            inspect(batch)
         sink.write(batch)
     return raw
 

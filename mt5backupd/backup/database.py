@@ -1,5 +1,11 @@
 """The database side of a backup: connecting, the preflight, and the spec of one pg_dump run
-(row counts and dump on one exported snapshot, read back with pg_restore --list)."""
+(read back with pg_restore --list).
+
+Row counts come from the dump stream itself (``customformat``): exact for every table, from
+pg_dump's own snapshot, no query on the server. Only when pg_dump compresses its own output
+(``gzip:N``), or is newer than the archive versions the parser knows, are they counted in an
+exported snapshot shared with pg_dump, as before (``rowcounts.count_rows``).
+"""
 
 from __future__ import annotations
 
@@ -11,31 +17,34 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from loguru import logger
 from pyrage import x25519
 
-from mt5backupd.backup import compress, spool
+from mt5backupd.backup import compress, customformat, spool
 from mt5backupd.backup.dump import (
     check_dump_compatible,
     pg_child_env,
     pg_dump_argv,
     run_dump,
     server_major,
-    tool_version,
 )
 from mt5backupd.backup.pgrestore import list_archive
-from mt5backupd.backup.rowcounts import count_rows
+from mt5backupd.backup.rowcounts import count_rows, exact_counts, table_estimates
 from mt5backupd.backup.shipspec import ProduceStats, ShipSpec, check_generated_names
+from mt5backupd.backup.toolcache import cached_tool_version
 from mt5backupd.config import Config, DatabaseConfig, Secret
 from mt5backupd.errors import ConfigError, Mt5BackupError
 
 KIND = spool.KIND_DATABASE
 SNAPSHOT_CLOSE_TIMEOUT_S = 10.0
+SOURCE_STREAM, SOURCE_SNAPSHOT = "stream", "snapshot"  # the manifest's row_counts_source
 
 
 @dataclass
 class ServerInfo:
     version: str
     major: int
+    tables: dict[str, int]  # every user table and its estimated rows, to check the dump against
 
 
 async def connect_db(cfg: DatabaseConfig, password: Secret | None, dbname: str) -> Any:
@@ -57,14 +66,16 @@ async def connect_db(cfg: DatabaseConfig, password: Secret | None, dbname: str) 
 
 
 async def db_preflight(cfg: DatabaseConfig, password: Secret | None) -> ServerInfo:
-    """Connect once with asyncpg: proves credentials and reads the server version."""
+    """Connect once with asyncpg: proves credentials, reads the server version and the list of
+    tables (catalog queries only)."""
     conn = await connect_db(cfg, password, cfg.dbname)
     try:
         version = str(await conn.fetchval("SHOW server_version"))
         num = int(await conn.fetchval("SHOW server_version_num"))
+        tables = await table_estimates(conn)
     finally:
         await conn.close()
-    return ServerInfo(version.split()[0], server_major(num))
+    return ServerInfo(version.split()[0], server_major(num), tables)
 
 
 def check_database_names(db: DatabaseConfig) -> None:
@@ -72,41 +83,37 @@ def check_database_names(db: DatabaseConfig) -> None:
     check_generated_names(db.dbname, db.compression.suffix, "[database] dbname")
 
 
+def counts_from_stream(db: DatabaseConfig, dump_major: int) -> bool:
+    """Whether this run's row counts can be read from the dump stream: pg_dump writes
+    uncompressed custom format (we compress after it) in an archive version the parser knows."""
+    return db.compression.kind != "gzip" and dump_major <= customformat.MAX_PG_DUMP_MAJOR
+
+
+async def _first_error(*aws: Any) -> list[Any]:
+    """Await concurrently; every one finishes, then the first failure (in argument order) is
+    raised, so the reported reason does not depend on which step was faster."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return list(results)
+
+
 async def database_spec(cfg: Config, password: Secret | None) -> ShipSpec:
-    """Preflight of the database side, then the spec of its dump."""
+    """Preflight of the database side (connection and tool versions at once), then the spec
+    of its dump."""
     db = cfg.database
-    server = await db_preflight(db, password)
-    dump_major, dump_version = await tool_version(db.pg_dump, "pg_dump")
+    server, (dump_major, dump_version), _restore = await _first_error(
+        db_preflight(db, password),
+        cached_tool_version(db.pg_dump, "pg_dump", cfg.local.dir),
+        cached_tool_version(db.pg_restore, "pg_restore", cfg.local.dir))
     check_dump_compatible(dump_major, server.major, db.pg_dump)
-    await tool_version(db.pg_restore, "pg_restore")
+    from_stream = counts_from_stream(db, dump_major)
 
     async def produce(spooled: compress.Writable) -> ProduceStats:
-        def pump(read_fd: int, on_read: Callable[[int], None]) -> int:
-            return compress.pump(read_fd, spooled, db.compression, db.compression_threads,
-                                 on_read)
-
-        # Counts and dump share one exported snapshot; the exporting transaction stays open
-        # until pg_dump is done with it.
-        conn = await connect_db(db, password, db.dbname)
-        transaction = conn.transaction(isolation="repeatable_read", readonly=True)
-        try:
-            try:
-                await transaction.start()
-                snapshot = str(await conn.fetchval("SELECT pg_export_snapshot()"))
-                counts = await count_rows(conn, db.exact_count_max_bytes)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                raise Mt5BackupError(f"snapshot and row counts failed: {exc}") from None
-            with pg_child_env(db, password) as env:
-                stats = await run_dump(pg_dump_argv(db, snapshot), env, pump,
-                                       stall_timeout_s=db.stall_timeout_s)
-        finally:
-            # the server may be gone (that is what failed the dump): never mask the reason
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(transaction.rollback(), SNAPSHOT_CLOSE_TIMEOUT_S)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), SNAPSHOT_CLOSE_TIMEOUT_S)
-        return ProduceStats(stats.raw_bytes, stats.duration_s,
-                            {"row_counts": counts, "snapshot": snapshot})
+        if from_stream:
+            return await _produce_counting_stream(db, password, spooled, server.tables)
+        return await _produce_in_snapshot(db, password, spooled)
 
     async def verify(path: Path, identities: Sequence[x25519.Identity]) -> None:
         await list_archive(db.pg_restore, path, identities)
@@ -118,3 +125,60 @@ async def database_spec(cfg: Config, password: Secret | None) -> ShipSpec:
         manifest_fields={"database": db.dbname, "pg_dump_version": dump_version,
                          "server_version": server.version},
     )
+
+
+async def _produce_counting_stream(db: DatabaseConfig, password: Secret | None,
+                                   spooled: compress.Writable,
+                                   tables: dict[str, int]) -> ProduceStats:
+    """pg_dump with its own snapshot; the pump counts every table's rows as the bytes pass."""
+    parser = customformat.ArchiveParser()
+
+    def pump(read_fd: int, on_read: Callable[[int], None]) -> int:
+        customformat.preload()  # while pg_dump reads the catalogs, before its first byte
+        return compress.pump(read_fd, spooled, db.compression, db.compression_threads,
+                             on_read, inspect=parser.feed)
+
+    try:
+        with pg_child_env(db, password) as env:
+            stats = await run_dump(pg_dump_argv(db), env, pump,
+                                   stall_timeout_s=db.stall_timeout_s)
+        counts = parser.finish()
+    except customformat.FramingError as exc:
+        raise Mt5BackupError(f"pg_dump's output is not a complete custom-format archive, "
+                             f"no row counts: {exc}") from None
+    row_counts, missing = exact_counts(counts, tables)
+    for table in missing:
+        logger.warning("table {} has no data in the dump (pg_dump left it out, or it was "
+                       "dropped during the run); its estimate is recorded", table)
+    return ProduceStats(stats.raw_bytes, stats.duration_s,
+                        {"row_counts": row_counts, "row_counts_source": SOURCE_STREAM})
+
+
+async def _produce_in_snapshot(db: DatabaseConfig, password: Secret | None,
+                               spooled: compress.Writable) -> ProduceStats:
+    """pg_dump compresses (gzip:N), so its stream holds no readable rows: counts and dump
+    share one exported snapshot; the exporting transaction stays open until pg_dump is done."""
+    def pump(read_fd: int, on_read: Callable[[int], None]) -> int:
+        return compress.pump(read_fd, spooled, db.compression, db.compression_threads, on_read)
+
+    conn = await connect_db(db, password, db.dbname)
+    transaction = conn.transaction(isolation="repeatable_read", readonly=True)
+    try:
+        try:
+            await transaction.start()
+            snapshot = str(await conn.fetchval("SELECT pg_export_snapshot()"))
+            counts = await count_rows(conn, db.exact_count_max_bytes)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise Mt5BackupError(f"snapshot and row counts failed: {exc}") from None
+        with pg_child_env(db, password) as env:
+            stats = await run_dump(pg_dump_argv(db, snapshot), env, pump,
+                                   stall_timeout_s=db.stall_timeout_s)
+    finally:
+        # the server may be gone (that is what failed the dump): never mask the reason
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(transaction.rollback(), SNAPSHOT_CLOSE_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), SNAPSHOT_CLOSE_TIMEOUT_S)
+    return ProduceStats(stats.raw_bytes, stats.duration_s,
+                        {"row_counts": counts, "snapshot": snapshot,
+                         "row_counts_source": SOURCE_SNAPSHOT})

@@ -126,12 +126,17 @@ async def _run_locked(cfg: Config, observer: RunObserver, show_progress: bool,
                        spool.PARTIAL_DIR)
     client = receiver_client(cfg)
     try:
-        remote, remote_error = PREFLIGHT_DOWN, ""
-        if client is not None:
-            remote, remote_error = await remote_preflight(client, cfg.remote.on_unavailable,
-                                                          directory)
+        # the receiver's preflight and the kind's (database connection, tool versions) wait
+        # on different machines: at once, then the first failure in this order is reported
+        remote_outcome, spec = await asyncio.gather(
+            remote_preflight(client, cfg.remote.on_unavailable, directory)
+            if client is not None else _no_remote(), make_spec(), return_exceptions=True)
+        if isinstance(remote_outcome, BaseException):
+            raise remote_outcome
+        if isinstance(spec, BaseException):
+            raise spec
+        remote, remote_error = remote_outcome
         remote_ok = client is not None and remote == PREFLIGHT_OK
-        spec = await make_spec()
         pending_done = 0
         if client is not None and remote_ok:
             await settle_orphans(client, directory)
@@ -148,6 +153,10 @@ async def _run_locked(cfg: Config, observer: RunObserver, show_progress: bool,
     finally:
         if client is not None:
             await client.close()
+
+
+async def _no_remote() -> tuple[str, str]:
+    return PREFLIGHT_DOWN, ""
 
 
 @dataclass

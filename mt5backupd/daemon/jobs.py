@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mt5backupd import runstate as state
 from mt5backupd.backup.pending import pending_command
@@ -23,7 +23,9 @@ from mt5backupd.backup.run import run_backup, run_repository
 from mt5backupd.config import Config
 from mt5backupd.daemon import textfile
 from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError
-from mt5backupd.ops.verify import VerifyOutcome, verify
+
+if TYPE_CHECKING:  # `--run-now` never verifies: it does not import the restore side
+    from mt5backupd.ops.verify import VerifyOutcome
 
 
 async def export_textfile(cfg: Config) -> None:
@@ -94,6 +96,8 @@ async def run_verify(cfg: Config, ref: str = "latest",
     measured recovery time); "skipped" when the backup is encrypted and no identity is here."""
     started, t0 = datetime.now(UTC), time.monotonic()
     try:
+        from mt5backupd.ops.verify import verify
+
         outcome = await verify(cfg, ref, identity_files)
     except LockHeldError:
         raise
