@@ -35,6 +35,7 @@ from mt5backupd.receiver.storage.errors import (
     UploadBusy,
 )
 from mt5backupd.receiver.storage.publish import check_metadata, check_name_and_kind, now_iso
+from mt5backupd.receiver.storage.writer import feed_from_client
 
 ABORT_WAIT_S = 30.0
 STATE_VERSION = 1
@@ -219,16 +220,7 @@ class Sessions:
             writer.on_part = part_done
             source_error: BaseException | None = None
             try:
-                iterator = chunks.__aiter__()
-                while True:
-                    try:
-                        chunk = await iterator.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    except Exception as exc:  # noqa: BLE001 - the client's stream failed: keep what arrived
-                        source_error = exc
-                        break
-                    await writer.feed(chunk)
+                source_error = await feed_from_client(chunks, writer.feed)
             except TooLarge:
                 await discard(st)
                 raise

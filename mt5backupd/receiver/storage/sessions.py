@@ -39,7 +39,7 @@ from mt5backupd.receiver.storage.publish import (
     check_name_and_kind,
     now_iso,
 )
-from mt5backupd.receiver.storage.writer import WRITE_CHUNK_BYTES, ChunkWriter
+from mt5backupd.receiver.storage.writer import WRITE_CHUNK_BYTES, ChunkWriter, feed_from_client
 from mt5backupd.records import BackupRecord
 
 ABORT_WAIT_S = 30.0
@@ -203,16 +203,7 @@ class Sessions:
                                  check_free=self.layout.check_free)
             source_error: BaseException | None = None
             try:
-                iterator = chunks.__aiter__()
-                while True:
-                    try:
-                        chunk = await iterator.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    except Exception as exc:  # noqa: BLE001 - any failure of the client stream: keep what arrived
-                        source_error = exc
-                        break
-                    await writer.feed(chunk)
+                source_error = await feed_from_client(chunks, writer.feed)
                 await writer.finish()
             except BaseException as exc:
                 await writer.drain_quietly()

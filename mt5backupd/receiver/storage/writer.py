@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any
 
 from mt5backupd.fsutil import is_disk_full
@@ -112,3 +112,19 @@ class ChunkWriter:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(asyncio.wait(self._pending))
             self._pending = []
+
+
+async def feed_from_client(chunks: AsyncIterable[bytes],
+                           feed: Callable[[bytes], Awaitable[None]]) -> Exception | None:
+    """Feed the client's body to ``feed``. A failure of the client's stream (it went away, a
+    timeout) ends the loop and is returned, not raised: what arrived is kept (tus semantics)
+    and the caller re-raises it after settling; a failure of ``feed`` propagates."""
+    iterator = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            return None
+        except Exception as exc:  # noqa: BLE001 - any failure of the client stream: keep what arrived
+            return exc
+        await feed(chunk)
