@@ -64,6 +64,16 @@ _THROWAWAY_SETTINGS: dict[str, str] = {
     "log_min_messages": "warning",
 }
 
+# What point-in-time recovery tests need on top (PostgreSQL 10+ defaults to the first two, but a
+# test must not depend on a packager's defaults): WAL for a replica, senders and slots for
+# pg_receivewal and pg_basebackup, full page writes so recovery from a base backup is exact.
+REPLICATION_SETTINGS: dict[str, str] = {
+    "wal_level": "replica",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+    "full_page_writes": "on",
+    "wal_sender_timeout": "'60s'",
+}
 
 
 class PgServer:
@@ -82,20 +92,26 @@ class PgServer:
         port: int,
         socket_dir: Path,
         extra_dirs: tuple[Path, ...] = (),
+        settings: dict[str, str] | None = None,
     ) -> None:
         self._root = root
         self._bin_dir = bin_dir
         self._port = port
         self._socket_dir = socket_dir
         self._extra_dirs = extra_dirs
+        self._settings = dict(settings or {})
 
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
     def create(
-        cls, base_dir: Path | None = None, *, port: int | None = None, bin_dir: Path | None = None
+        cls, base_dir: Path | None = None, *, port: int | None = None, bin_dir: Path | None = None,
+        replication: bool = False,
     ) -> Self:
         """``initdb`` a new cluster in a fresh directory inside ``base_dir`` (not started yet).
+
+        ``replication=True`` configures it for streaming replication (``REPLICATION_SETTINGS``;
+        ``pg_hba.conf`` admits replication connections either way), as PITR needs.
 
         When we are root and the ``postgres`` account cannot reach ``base_dir`` (pytest's
         ``/tmp/pytest-of-root`` is 0700), the cluster goes into a fresh directory in the system
@@ -122,6 +138,7 @@ class PgServer:
                 port=port if port is not None else free_port(),
                 socket_dir=socket_dir,
                 extra_dirs=tuple(created[1:]),
+                settings=REPLICATION_SETTINGS if replication else None,
             )
             cluster._initdb()
         except BaseException:
@@ -156,6 +173,7 @@ class PgServer:
             raise PgClusterError(f"initdb failed in {self.data_dir}: {res.stderr.strip()[-2000:]}")
         settings = {
             **_THROWAWAY_SETTINGS,
+            **self._settings,
             "listen_addresses": "'127.0.0.1'",
             "port": str(self._port),
             "unix_socket_directories": quote_literal(str(self._socket_dir)),
