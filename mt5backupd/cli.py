@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(parser, top=True)
     parser.add_argument("--run-now", action="store_true",
                         help="take one database backup now, in the foreground, and exit")
-    parser.add_argument("--job", choices=("database", "repository"), default="database",
+    parser.add_argument("--job", choices=("database", "repository", "base"), default="database",
                         help="with --run-now: which job (default: database)")
     parser.add_argument("--env-file", metavar="PATH",
                         help="legacy /etc/default/mt5-backup style KEY=VALUE overrides")
@@ -156,9 +156,11 @@ def _print_result(result: BackupResult, as_json: bool) -> None:
 
 def _cmd_run_now(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log, "backup", verbose=args.verbose)
-    from mt5backupd.daemon.jobs import run_database, run_repository_now
+    from mt5backupd.daemon.jobs import run_base_now, run_database, run_repository_now
 
-    if args.job == "repository":
+    if args.job == "base":
+        result = asyncio.run(run_base_now(config))
+    elif args.job == "repository":
         result = asyncio.run(run_repository_now(config))
     else:
         result = asyncio.run(run_database(config,

@@ -26,6 +26,7 @@ from pyrage import x25519
 
 from mt5backupd import runstate as state
 from mt5backupd.backup import spool
+from mt5backupd.backup.basebackup import base_spec
 from mt5backupd.backup.compress import Writable
 from mt5backupd.backup.database import check_database_names, database_spec
 from mt5backupd.backup.encryption import (
@@ -105,6 +106,15 @@ async def run_repository(cfg: Config, observer: RunObserver | None = None) -> Ba
 
     with RunLock(cfg.local.dir):
         return await _run_locked(cfg, observer or RunObserver(), False, make_spec)
+
+
+async def run_base(cfg: Config, observer: RunObserver | None = None) -> BackupResult:
+    """A base backup for point-in-time recovery (pg_basebackup; backup/basebackup)."""
+    cfg.local.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    with RunLock(cfg.local.dir):
+        password = database_password(cfg.database)
+        return await _run_locked(cfg, observer or RunObserver(), False,
+                                 lambda: base_spec(cfg, password))
 
 
 def rotate(directory: Path, keep: int, kind: str = spool.KIND_DATABASE) -> list[str]:

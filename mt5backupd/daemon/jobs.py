@@ -19,7 +19,7 @@ from typing import Any
 from mt5backupd import runstate as state
 from mt5backupd.backup.pending import pending_command
 from mt5backupd.backup.result import BackupResult
-from mt5backupd.backup.run import run_backup, run_repository
+from mt5backupd.backup.run import run_backup, run_base, run_repository
 from mt5backupd.config import Config
 from mt5backupd.daemon import textfile
 from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError
@@ -88,6 +88,15 @@ async def repository_job(cfg: Config) -> JobOutcome:
     return JobOutcome(result.exit_code == EXIT_OK, result.to_json())
 
 
+async def run_base_now(cfg: Config) -> BackupResult:
+    return await _run_and_record(cfg, "base", lambda: run_base(cfg))
+
+
+async def base_job(cfg: Config) -> JobOutcome:
+    result = await run_base_now(cfg)
+    return JobOutcome(result.exit_code == EXIT_OK, result.to_json())
+
+
 async def run_verify(cfg: Config, ref: str = "latest",
                      identity_files: Sequence[Path] = ()) -> VerifyOutcome:
     """A test restore, recorded as a run of job "verify" (its duration: the restore's, our
@@ -137,4 +146,5 @@ DAEMON_JOBS = {
     "repository": repository_job,
     "verify": verify_job,
     "upload_pending": upload_pending_job,
+    "base": base_job,
 }

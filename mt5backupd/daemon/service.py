@@ -170,6 +170,8 @@ class Daemon:
             return ""
         if job == "upload_pending" and not self.cfg.remote.url:
             return ""
+        if job == "base" and not self.cfg.wal.enabled:
+            return ""
         return str(getattr(sched, job, ""))
 
     def _install_jobs(self) -> None:
@@ -294,7 +296,7 @@ class Daemon:
             new = load_config(self.config_path, env_file=self.env_file,
                               schedule_checks=SCHEDULE_CHECKS)
             for expr in (new.schedule.database, new.schedule.repository, new.schedule.verify,
-                         new.schedule.upload_pending):
+                         new.schedule.upload_pending, new.schedule.base):
                 if expr:
                     make_trigger(expr, new.schedule.timezone)
         except Mt5BackupError as exc:
