@@ -23,6 +23,7 @@ from mt5backupd.errors import (
     EXIT_VERIFY,
     ConfigError,
     Mt5BackupError,
+    UsageError,
 )
 from mt5backupd.logs import setup_logging
 from mt5backupd.tuning import tune_process
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     rst = sub.add_parser("restore", help="verify a backup's sha256, then pg_restore it")
     _add_common(rst, top=False)
     rst.add_argument("backup", metavar="ID|latest", help="backup id, file name or 'latest'")
-    rst.add_argument("--target-db", required=True, metavar="NAME",
+    rst.add_argument("--target-db", metavar="NAME",
                      help="database to restore into (on the configured server)")
     rst.add_argument("--from", dest="source", choices=("local", "remote"), default="local",
                      help="take the backup from the local dir (default) or the receiver")
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     rst.add_argument("--identity", action="append", default=[], metavar="PATH",
                      help="age identity file (0600) for an encrypted backup; repeatable, "
                      "added to [encryption] identity_file")
+    rst.add_argument("--pitr", action="store_true",
+                     help="point-in-time: base backup ID|latest + WAL into --target-dir")
+    rst.add_argument("--to-time", metavar="TIMESTAMP",
+                     help="with --pitr: recover to this time (no zone: UTC); default: as far "
+                          "as the shipped WAL goes")
+    rst.add_argument("--target-dir", metavar="DIR",
+                     help="with --pitr: a new or empty directory for the data directory")
     rst.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
     chk = sub.add_parser("check", help="self-test: tools, database, dirs, secrets, receiver, "
@@ -185,10 +193,26 @@ def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
     from mt5backupd.ops import restore
 
     setup_logging(config.log, "restore", verbose=args.verbose)
+    if args.pitr:
+        return _restore_pitr(args, config)
+    if args.target_db is None:
+        raise UsageError("restore needs --target-db NAME (or --pitr --target-dir DIR)")
     result = asyncio.run(restore.restore(
         config, args.backup, args.target_db, source=args.source, create=args.create,
         jobs=args.jobs, force=args.force, no_owner=args.no_owner,
         identity_files=[Path(p) for p in args.identity]))
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
+    return EXIT_OK
+
+
+def _restore_pitr(args: argparse.Namespace, config: Config) -> int:
+    from mt5backupd.ops.pitr import restore_pitr
+
+    if args.target_dir is None:
+        raise UsageError("restore --pitr needs --target-dir DIR")
+    result = asyncio.run(restore_pitr(config, args.backup, Path(args.target_dir),
+                                      to_time=args.to_time, source=args.source,
+                                      identity_files=[Path(p) for p in args.identity]))
     print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
     return EXIT_OK
 

@@ -81,13 +81,14 @@ def parse_object(name: str) -> WalObject | None:
 
 def data_end(block: bytes, page_bytes: int = 8192) -> int:
     """How far a growing segment holds WAL: pg_receivewal pads its ``.partial`` file with
-    zeros to the full segment size, so the end is just after the last page that is not all
-    zeros (rounded up to a page; recovery reads only whole, valid records anyway)."""
+    zeros to the full segment size, so the end is just after the last byte that is not zero
+    (found page by page from the end; a few inserts grow the WAL by less than a page, and
+    each must make a new snapshot)."""
     end = len(block)
     zero = bytes(page_bytes)
     while end > 0:
         start = max(0, end - page_bytes)
         if block[start:end] != zero[: end - start]:
-            return end
+            return len(block[start:end].rstrip(b"\0")) + start
         end = start
     return 0

@@ -3,10 +3,12 @@ wal_level=replica cluster, our receiver, restore to a second, and PostgreSQL sta
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,16 @@ from mt5backupd.backup import spool
 from mt5backupd.backup.run import run_base
 from mt5backupd.config import Config, LocalConfig, RemoteConfig, WalConfig
 from mt5backupd.errors import ConfigError
+from mt5backupd.ops.pitr import restore_pitr
+from mt5backupd.ops.pitrplan import PitrRefused
+from mt5backupd.pgtext import quote_literal
 from mt5backupd.testkit.pgcluster import PgCluster
+from mt5backupd.testkit.pghost import make_root
+from mt5backupd.wal.service import WalService
+from mt5backupd.wal.shipper import ShippedIndex, shipped_dir
 from tests.backup_fixtures import database_config, write_token
 from tests.receiver_harness import Receiver
+from tests.waits import wait_until
 
 DB = "trades"
 
@@ -71,3 +80,94 @@ async def test_base_backup_refused_without_wal(pitr: Pitr) -> None:
     cfg = dataclasses.replace(pitr.cfg, wal=WalConfig(enabled=False))
     with pytest.raises(ConfigError, match=r"\[wal\] enabled is false"):
         await run_base(cfg)
+
+
+def _insert(pg: PgCluster, note: str) -> datetime:
+    """One row in its own transaction; its commit time as the server saw it."""
+    out = pg.psql(f"INSERT INTO deals (note) VALUES ({quote_literal(note)}) "  # noqa: S608
+                  "RETURNING committed", DB)
+    return datetime.fromisoformat(out.strip())
+
+
+def _start_restored(root: Path) -> PgCluster:
+    server = PgCluster.adopt(root)
+    server.start()
+    return server
+
+
+async def _promoted(server: PgCluster) -> bool:
+    return server.psql("SELECT pg_is_in_recovery()").strip() == "f"
+
+
+@pytest.fixture
+async def wal_service(pitr: Pitr) -> AsyncIterator[WalService]:
+    service = WalService(pitr.cfg)
+    service.start()
+    try:
+        await wait_until(lambda: service.receivewal.running, 20, "pg_receivewal running")
+        yield service
+    finally:
+        await service.stop()
+        pitr.pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+
+
+def _uploaded_beyond(cfg: Config, when: datetime) -> bool:
+    newest = ShippedIndex.load(shipped_dir(cfg)).newest_uploaded_at
+    return bool(newest) and datetime.fromisoformat(newest) > when
+
+
+async def test_restore_to_a_time_and_to_the_end_of_shipped_wal(
+        pitr: Pitr, wal_service: WalService, tmp_path: Path) -> None:
+    """Rows, base backup, more rows, T, more rows: a restore to T holds exactly the rows
+    committed before T; a restore to latest (no pg_switch_wal) holds the last row too, shipped
+    within max_lag_s from the growing segment."""
+    pg, cfg = pitr.pg, pitr.cfg
+    _insert(pg, "before-base")
+    assert (await run_base(cfg)).ok
+    before = [_insert(pg, f"before-T-{i}") for i in range(3)]
+    target = datetime.now(UTC)
+    await asyncio.sleep(0.05)  # the target falls strictly between two commits
+    after = _insert(pg, "after-T")
+    assert before[-1] < target < after
+    await wait_until(lambda: _uploaded_beyond(cfg, after), 10 * cfg.wal.max_lag_s,
+                     "the WAL holding the last commit shipped")
+
+    root = make_root(tmp_path / "pitr-t")
+    result = await restore_pitr(cfg, "latest", root / "data", source="remote",
+                                to_time=target.replace(tzinfo=None).isoformat())
+    assert result.utc_assumed and result.wal_objects >= 1
+    server = _start_restored(root)
+    try:
+        await wait_until(lambda: _promoted(server), 30, "recovery to T and promotion")
+        notes = server.psql("SELECT note FROM deals ORDER BY id", DB).split()
+        assert notes == ["before-base", "before-T-0", "before-T-1", "before-T-2"]
+    finally:
+        server.destroy()
+
+    root = make_root(tmp_path / "pitr-latest")
+    await restore_pitr(cfg, "latest", root / "data", source="remote", to_time=None)
+    server = _start_restored(root)
+    try:
+        await wait_until(lambda: _promoted(server), 30, "recovery to the end and promotion")
+        notes = server.psql("SELECT note FROM deals ORDER BY id", DB).split()
+        assert notes[-1] == "after-T" and len(notes) == 5
+    finally:
+        server.destroy()
+
+
+async def test_restore_refuses_a_non_empty_dir_and_a_time_outside_the_window(
+        pitr: Pitr, wal_service: WalService, tmp_path: Path) -> None:
+    """A non-empty target and a target before the first base backup are refused, the latter
+    naming the recoverable window."""
+    cfg = pitr.cfg
+    assert (await run_base(cfg)).ok
+    marker = _insert(pitr.pg, "x")
+    await wait_until(lambda: _uploaded_beyond(cfg, marker), 10, "WAL shipped")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "file").write_text("x")
+    with pytest.raises(PitrRefused, match="is not empty"):
+        await restore_pitr(cfg, "latest", busy, to_time=None)
+    with pytest.raises(PitrRefused, match=r"outside the recoverable window .* \(UTC\)"):
+        await restore_pitr(cfg, "latest", tmp_path / "new", to_time="2001-01-01 00:00:00+02")
+    assert not (tmp_path / "new").exists()

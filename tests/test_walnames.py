@@ -74,12 +74,12 @@ def test_wal_object_names(name: str, parsed: WalObject | None) -> None:
 
 @pytest.mark.parametrize(("data", "end"), [
     (bytes(32768), 0),
-    (b"x" + bytes(32767), 8192),
-    (bytes(8192) + b"x" + bytes(8191) + bytes(16384), 16384),
+    (b"x" + bytes(32767), 1),
+    (bytes(8192) + b"xy" + bytes(8190) + bytes(16384), 8194),
     (bytes(24575) + b"x", 24576),
 ])
 def test_data_end_of_a_zero_padded_partial(data: bytes, end: int) -> None:
-    """The end of the WAL in a zero-padded segment, rounded up to a page."""
+    """The end of the WAL in a zero-padded segment: just after its last non-zero byte."""
     assert data_end(data) == end
 
 

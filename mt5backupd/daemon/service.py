@@ -40,6 +40,7 @@ from mt5backupd.daemon.schedule import (
 from mt5backupd.daemon.webhooks import WebhookNotifier
 from mt5backupd.errors import ConfigError, LockHeldError, Mt5BackupError
 from mt5backupd.sdnotify import SystemdNotifier
+from mt5backupd.wal.service import WalService
 from mt5backupd.webapp import start_site
 
 JobFn = Callable[[Config], Awaitable[JobOutcome]]
@@ -321,6 +322,9 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         watchdog = asyncio.create_task(self._watchdog())
+        wal = WalService(self.cfg) if self.cfg.wal.enabled else None
+        if wal is not None:  # continuous, beside the scheduled jobs; a reload does not touch it
+            wal.start()
         for job in self._make_up_missed():
             self.scheduler.add_job(self._fire, args=[job], id=f"{job}-missed",
                                    misfire_grace_time=None)
@@ -339,6 +343,8 @@ class Daemon:
                     self._reload.clear()
                     self.reload()
         finally:
+            if wal is not None:
+                await wal.stop()
             await self._shutdown(watchdog)
 
     def _next_text(self, job: str) -> str:

@@ -147,6 +147,26 @@ class PgServer:
             raise
         return cluster
 
+    @classmethod
+    def adopt(cls, root: Path, *, bin_dir: Path | None = None) -> Self:
+        """A server for a data directory made elsewhere (``root/data``: a restored base
+        backup), not started yet: its own free port and socket directory are appended to its
+        postgresql.conf (later lines win), and as root it is handed to the ``postgres`` account."""
+        bin_dir = bin_dir or find_bin_dir()
+        socket_dir = Path(tempfile.mkdtemp(prefix="mt5pgs-"))
+        socket_dir.chmod(0o755)
+        chown_to_server_user(socket_dir)
+        server = cls(root, bin_dir=bin_dir, port=free_port(), socket_dir=socket_dir,
+                     extra_dirs=(socket_dir,))
+        settings = {"port": str(server.port), "listen_addresses": "'127.0.0.1'",
+                    "unix_socket_directories": quote_literal(str(socket_dir))}
+        with (server.data_dir / "postgresql.conf").open("a", encoding="utf-8") as conf:
+            conf.write("\n# mt5backupd.testkit adopted cluster\n")
+            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+        for path in (root, *root.rglob("*")):
+            chown_to_server_user(path)
+        return server
+
     def _initdb(self) -> None:
         res = subprocess.run(
             server_argv(
