@@ -55,7 +55,8 @@ class Daemon:
         self.jobs = jobs  # job name -> coroutine running one job with a config
         self.live = LiveState()
         self.registry = make_registry(lambda: self.cfg.local.dir, self.live,
-                                      lambda: self.cfg.http.legacy_metrics)
+                                      lambda: self.cfg.http.legacy_metrics,
+                                      lambda: self.cfg.wal.enabled)
         self.systemd = SystemdNotifier()
         self.scheduler: AsyncIOScheduler | None = None
         self.runner: web.AppRunner | None = None
