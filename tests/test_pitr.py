@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mt5backupd.backup import spool
+from mt5backupd.backup.remote import receiver_client
 from mt5backupd.backup.run import run_base
 from mt5backupd.config import Config, LocalConfig, RemoteConfig, WalConfig
 from mt5backupd.errors import ConfigError
@@ -21,9 +24,9 @@ from mt5backupd.ops.pitr import restore_pitr
 from mt5backupd.ops.pitrplan import PitrRefused
 from mt5backupd.pgtext import quote_literal
 from mt5backupd.testkit.pgcluster import PgCluster
-from mt5backupd.testkit.pghost import make_root
+from mt5backupd.testkit.pghost import free_port, make_root
 from mt5backupd.wal.service import WalService
-from mt5backupd.wal.shipper import ShippedIndex, shipped_dir
+from mt5backupd.wal.shipper import ShippedIndex, WalShipper, shipped_dir
 from tests.backup_fixtures import database_config, write_token
 from tests.receiver_harness import Receiver
 from tests.waits import wait_until
@@ -171,3 +174,54 @@ async def test_restore_refuses_a_non_empty_dir_and_a_time_outside_the_window(
     with pytest.raises(PitrRefused, match=r"outside the recoverable window .* \(UTC\)"):
         await restore_pitr(cfg, "latest", tmp_path / "new", to_time="2001-01-01 00:00:00+02")
     assert not (tmp_path / "new").exists()
+
+
+async def test_pg_receivewal_killed_is_restarted_and_nothing_is_lost(
+        pitr: Pitr, wal_service: WalService) -> None:
+    """kill -9 of pg_receivewal: the supervisor restarts it, and a row committed while it was
+    dead still reaches the receiver (the slot kept its WAL)."""
+    proc = wal_service.receivewal._proc
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGKILL)
+    await wait_until(lambda: not wal_service.receivewal.running, 10, "the supervisor noticed")
+    committed = _insert(pitr.pg, "while-dead")
+    await wait_until(lambda: wal_service.receivewal.running and wal_service.receivewal.restarts,
+                     20, "pg_receivewal restarted")
+    await wait_until(lambda: _uploaded_beyond(pitr.cfg, committed), 20,
+                     "the row's WAL shipped after the restart")
+
+
+async def test_receiver_away_wal_piles_up_locally_then_ships_in_order(
+        pitr: Pitr, tmp_path: Path) -> None:
+    """With the receiver unreachable WAL is still received and stored locally (pending); once
+    it is back everything is uploaded, oldest first, and nothing is left pending."""
+    dead = dataclasses.replace(pitr.cfg, remote=dataclasses.replace(
+        pitr.cfg.remote, url=f"http://127.0.0.1:{free_port()}", max_retries=0))
+    service = WalService(dead)
+    service.start()
+    try:
+        await wait_until(lambda: service.receivewal.running, 20, "pg_receivewal running")
+        for i in range(3):
+            committed = _insert(pitr.pg, f"offline-{i}")
+            pitr.pg.psql("SELECT pg_switch_wal()")
+        await wait_until(lambda: ShippedIndex.load(shipped_dir(dead)).pending >= 3, 20,
+                         "WAL stored locally as pending")
+    finally:
+        await service.stop()
+    assert not _uploaded_beyond(dead, committed)
+    shipper = WalShipper(pitr.cfg, receiver_client(pitr.cfg))
+    try:
+        index = await shipper.ship_round()
+    finally:
+        assert shipper.client is not None
+        await shipper.client.close()
+    assert index.pending == 0 and _uploaded_beyond(pitr.cfg, committed)
+    local = [m.id for m in spool.load_manifests(shipped_dir(pitr.cfg), "wal")]
+    remote_dir = pitr.receiver.cfg.data_dir / "backups" / "alice"
+    remote = sorted((json.loads((d / "meta.json").read_text()) for d in remote_dir.iterdir()
+                     if (d / "meta.json").exists() and d.name.endswith(".wal.zst")),
+                    key=lambda r: r["created"])
+    assert set(local) <= {r["id"] for r in remote}
+    shipped_order = [r["id"] for r in remote]
+    assert shipped_order == sorted(shipped_order), "uploaded out of order"
+    pitr.pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 
 from mt5backupd.backup.basebackup import wal_range
 from mt5backupd.backup.tarwatch import TarWatcher
 from mt5backupd.errors import Mt5BackupError
+from mt5backupd.wal.receivewal import repair_partials
 from mt5backupd.walnames import (
     WalObject,
     data_end,
@@ -114,3 +116,17 @@ def test_wal_range_from_a_backup_manifest() -> None:
         "segment_bytes": MB16}
     with pytest.raises(Mt5BackupError, match="WAL-Ranges"):
         wal_range(b"{}", MB16)
+
+
+def test_repair_partials_after_a_kill_during_preallocation(tmp_path: Path) -> None:
+    """A cut-short all-zero .partial is removed, one with data is moved aside, whole-segment
+    and empty ones are left alone."""
+    (tmp_path / "000000010000000000000001.partial").write_bytes(bytes(9805824))
+    (tmp_path / "000000010000000000000002.partial").write_bytes(b"wal" + bytes(1000))
+    (tmp_path / "000000010000000000000003.partial").write_bytes(bytes(MB16))
+    (tmp_path / "000000010000000000000004.partial").write_bytes(b"")
+    assert repair_partials(tmp_path) == ["000000010000000000000001.partial",
+                                         "000000010000000000000002.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "000000010000000000000002.partial.broken", "000000010000000000000003.partial",
+        "000000010000000000000004.partial"]

@@ -33,6 +33,36 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _segment_sized(size: int) -> bool:
+    # wal_segment_size is a power of two from 1 MiB to 1 GiB
+    return size == 0 or (size >= 1024 * 1024 and size & (size - 1) == 0)
+
+
+def repair_partials(directory: Path) -> list[str]:
+    """Make the directory one pg_receivewal starts in again after a kill -9. It preallocates a
+    new ``.partial`` with zeros before writing WAL into it, and refuses to start next to one
+    cut short ("has N bytes, should be 0 or 16777216"): such a file holds zeros only and is
+    removed; one with data (never seen, but never thrown away) is moved aside as ``.broken``."""
+    repaired = []
+    for path in sorted(directory.glob("*.partial")):
+        size = path.stat().st_size
+        if _segment_sized(size):
+            continue
+        with path.open("rb") as fh:
+            blocks = iter(lambda: fh.read(1 << 20), b"")
+            only_zeros = not any(block.strip(b"\0") for block in blocks)
+        if only_zeros:
+            path.unlink()
+            logger.warning("removed {} ({} bytes of zeros: pg_receivewal was killed while "
+                           "preallocating it)", path.name, size)
+        else:
+            path.rename(path.with_name(path.name + ".broken"))
+            logger.error("moved {} aside as .broken: {} bytes, not a segment's size, with data",
+                         path.name, size)
+        repaired.append(path.name)
+    return repaired
+
+
 def receivewal_argv(cfg: Config, directory: Path, *, create_slot: bool) -> list[str]:
     wal = cfg.wal
     argv = [wal.pg_receivewal, f"--directory={directory}", f"--slot={wal.slot}",
@@ -68,10 +98,12 @@ class ReceiveWal:
         async for raw in proc.stderr:
             line = raw.decode(errors="replace").rstrip()
             if line:
+                line = line.removeprefix("pg_receivewal: ")
                 self.last_error = line
                 logger.info("pg_receivewal: {}", line)
 
     async def _run_once(self, env: dict[str, str]) -> int:
+        await asyncio.to_thread(repair_partials, self.directory)
         create = await self._spawn(receivewal_argv(self.cfg, self.directory, create_slot=True),
                                    env)
         await self._log_stderr(create)
