@@ -185,7 +185,8 @@ async def test_pg_receivewal_killed_is_restarted_and_nothing_is_lost(
     os.kill(proc.pid, signal.SIGKILL)
     await wait_until(lambda: not wal_service.receivewal.running, 10, "the supervisor noticed")
     committed = _insert(pitr.pg, "while-dead")
-    await wait_until(lambda: wal_service.receivewal.running and wal_service.receivewal.restarts,
+    await wait_until(lambda: wal_service.receivewal.running
+                     and wal_service.receivewal.restarts > 0,
                      20, "pg_receivewal restarted")
     await wait_until(lambda: _uploaded_beyond(pitr.cfg, committed), 20,
                      "the row's WAL shipped after the restart")
