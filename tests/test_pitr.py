@@ -22,6 +22,7 @@ from mt5backupd.config import Config, LocalConfig, RemoteConfig, WalConfig
 from mt5backupd.errors import ConfigError
 from mt5backupd.ops.pitr import restore_pitr
 from mt5backupd.ops.pitrplan import PitrRefused
+from mt5backupd.ops.walcheck import wal_checks
 from mt5backupd.pgtext import quote_literal
 from mt5backupd.testkit.pgcluster import PgCluster
 from mt5backupd.testkit.pghost import free_port, make_root
@@ -226,3 +227,21 @@ async def test_receiver_away_wal_piles_up_locally_then_ships_in_order(
     shipped_order = [r["id"] for r in remote]
     assert shipped_order == sorted(shipped_order), "uploaded out of order"
     pitr.pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+
+
+async def test_check_reports_the_wal_preconditions(pitr: Pitr) -> None:
+    """`check` with [wal]: tools, wal_level, the replication privilege (missing for a plain
+    role), the slot (not there yet: a warning) and the unset max_slot_wal_keep_size warning."""
+    lines = {c.name: c for c in await wal_checks(pitr.cfg)}
+    assert lines["pg_receivewal"].ok and lines["pg_basebackup"].ok
+    assert lines["wal_level"].ok and "replica" in lines["wal_level"].detail
+    assert lines["replication privilege"].ok
+    slot = lines["replication slot"]
+    assert slot.warning and "does not exist" in slot.detail
+    assert lines["max_slot_wal_keep_size"].warning
+    pitr.pg.psql("DROP ROLE IF EXISTS plain_role; CREATE ROLE plain_role LOGIN")
+    plain = dataclasses.replace(pitr.cfg, database=dataclasses.replace(pitr.cfg.database,
+                                                                       user="plain_role"))
+    lines = {c.name: c for c in await wal_checks(plain)}
+    assert not lines["replication privilege"].ok
+    assert "ALTER ROLE plain_role REPLICATION" in lines["replication privilege"].fix
