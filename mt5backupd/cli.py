@@ -185,7 +185,12 @@ def _cmd_list(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps([e.to_json() for e in entries], indent=2))
     else:
-        print(listing.format_table(entries))
+        wal = [e for e in entries if e.kind == "wal"]  # one per segment: a count, not rows
+        print(listing.format_table([e for e in entries if e.kind != "wal"]))
+        if config.wal.enabled or wal or any(e.kind == "base" for e in entries):
+            from mt5backupd.ops.pitr import window_line
+
+            print(asyncio.run(window_line(config, remote=args.remote)))
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import pytest
 from mt5backupd.backup import spool
 from mt5backupd.backup.remote import receiver_client
 from mt5backupd.backup.run import run_base
+from mt5backupd.cli import main
 from mt5backupd.config import Config, LocalConfig, RemoteConfig, WalConfig
 from mt5backupd.errors import ConfigError
 from mt5backupd.ops.pitr import restore_pitr
@@ -245,3 +247,26 @@ async def test_check_reports_the_wal_preconditions(pitr: Pitr) -> None:
     lines = {c.name: c for c in await wal_checks(plain)}
     assert not lines["replication privilege"].ok
     assert "ALTER ROLE plain_role REPLICATION" in lines["replication privilege"].fix
+
+
+async def test_list_shows_base_backups_and_the_window(pitr: Pitr, wal_service: WalService,
+                                                      tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`list` (local and --remote) shows the base backup and the recoverable window."""
+    base = await run_base(pitr.cfg)
+    marker = _insert(pitr.pg, "x")
+    await wait_until(lambda: _uploaded_beyond(pitr.cfg, marker), 10, "WAL shipped")
+    config = tmp_path / "config.toml"
+    db = pitr.cfg.database
+    config.write_text(
+        f'[database]\nhost = "{db.host}"\nport = {db.port}\nuser = "{db.user}"\n'
+        f'dbname = "{db.dbname}"\n[local]\ndir = "{pitr.cfg.local.dir}"\n'
+        f'[remote]\nurl = "{pitr.cfg.remote.url}"\ntoken_file = "{pitr.cfg.remote.token_file}"\n'
+        f'[wal]\nenabled = true\n')
+    config.chmod(0o600)
+    for extra in ([], ["--remote"]):
+        assert await asyncio.to_thread(main, ["--config", str(config), "list", *extra]) == 0
+        out = capsys.readouterr().out
+        assert base.id in out and ".wal.zst" not in out
+        assert re.search(r"1 base backup\(s\), \d+ WAL object\(s\); recoverable window "
+                         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \.\. .* \(UTC\)", out), out

@@ -97,6 +97,22 @@ async def remote_catalog(client: ReceiverClient) -> Catalog:
     return cat
 
 
+async def window_line(cfg: Config, *, remote: bool) -> str:
+    """`list`'s last line: base backups, WAL objects and the recoverable window."""
+    if remote:
+        client = receiver_client(cfg)
+        if client is None:
+            raise ConfigError("[remote] url is not set: there is no receiver to list")
+        async with client:
+            cat = await remote_catalog(client)
+    else:
+        cat = local_catalog(cfg)
+    win = window(cat.bases, cat.wal)
+    span = win.text() if win else "none (needs a base backup and shipped WAL)"
+    return (f"point-in-time recovery: {len(cat.bases)} base backup(s), {len(cat.wal)} WAL "
+            f"object(s); recoverable window {span}")
+
+
 @dataclass
 class PitrResult:
     base: str
