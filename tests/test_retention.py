@@ -73,3 +73,16 @@ def test_empty_or_negative_policy_refused(policy: Policy) -> None:
 def test_select_rotation(items: list[LocalItem], keep: int, removed: list[str]) -> None:
     """Rotation removes the oldest beyond `keep`, oldest first, and never a pending backup."""
     assert select_rotation(items, keep) == removed
+
+
+def test_wal_goes_with_the_base_backups_not_by_count() -> None:
+    """Per-kind policy for backups; WAL older than the oldest kept base is removed, the rest
+    stays whatever keep_last says; without base backups all WAL stays."""
+    from mt5backupd.retention import select_remove_by_kind
+
+    day = datetime(2026, 11, 1, tzinfo=UTC)
+    bases = [Item(f"base-{d}", day + timedelta(days=d)) for d in (0, 7, 14)]
+    wal = [Item(f"wal-{h}", day + timedelta(hours=h)) for h in range(0, 24 * 15, 24)]
+    doomed = select_remove_by_kind({"base": bases, "wal": wal}, Policy(keep_last=2))
+    assert doomed == ["base-0", *(f"wal-{h}" for h in range(0, 24 * 7, 24))]
+    assert select_remove_by_kind({"wal": wal}, Policy(keep_last=1)) == []
