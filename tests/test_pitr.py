@@ -29,8 +29,10 @@ from mt5backupd.pgtext import quote_literal
 from mt5backupd.testkit.pgcluster import PgCluster
 from mt5backupd.testkit.pghost import free_port, make_root
 from mt5backupd.wal.service import WalService
-from mt5backupd.wal.shipper import ShippedIndex, WalShipper, shipped_dir
-from tests.backup_fixtures import database_config, write_token
+from mt5backupd.wal.shipper import ShippedIndex, WalShipper, received_dir, shipped_dir
+from tests.backup_fixtures import BackupSetup, database_config, write_token
+from tests.daemon_harness import DaemonProcess, daemon_toml
+from tests.pg_fixtures import live_processes_mentioning, process_gone
 from tests.receiver_harness import Receiver
 from tests.waits import wait_until
 
@@ -270,3 +272,43 @@ async def test_list_shows_base_backups_and_the_window(pitr: Pitr, wal_service: W
         assert base.id in out and ".wal.zst" not in out
         assert re.search(r"1 base backup\(s\), \d+ WAL object\(s\); recoverable window "
                          r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \.\. .* \(UTC\)", out), out
+
+
+async def test_daemon_kill_9_takes_pg_receivewal_along_and_loses_nothing(
+        pitr: Pitr, tmp_path: Path) -> None:
+    """The real daemon streams WAL; kill -9 of the daemon takes its pg_receivewal with it (no
+    orphan holding the slot), a row committed while both are dead reaches the receiver once
+    the daemon is back, and /metrics shows the WAL series."""
+    assert pitr.cfg.remote.token_file is not None
+    setup = BackupSetup(pitr.pg, DB, pitr.cfg, pitr.receiver, pitr.cfg.remote.token_file)
+    wal = pitr.cfg.wal
+    daemon = DaemonProcess(tmp_path / "daemon.toml")
+    daemon.write_config(daemon_toml(setup, database="", extra=(
+        f'[wal]\nenabled = true\nslot = "{wal.slot}"\nmax_lag_s = 1.0\n'
+        f'pg_receivewal = "{wal.pg_receivewal}"\npg_basebackup = "{wal.pg_basebackup}"\n')))
+    # the streaming child, not the short --create-slot run before it
+    marker = f"--directory={received_dir(pitr.cfg)} --slot={wal.slot} --no-password --no-loop"
+    try:
+        await daemon.start()
+        await wait_until(lambda: bool(live_processes_mentioning(marker)), 20,
+                         "pg_receivewal started by the daemon")
+        [child] = live_processes_mentioning(marker)
+        daemon.signal(signal.SIGKILL)
+        await daemon.wait(10)
+        await wait_until(lambda: process_gone(child), 10, "pg_receivewal gone with the daemon")
+        committed = _insert(pitr.pg, "daemon-dead")
+        await daemon.start()
+        await wait_until(lambda: _uploaded_beyond(pitr.cfg, committed), 30,
+                         "the WAL of the row committed while down shipped")
+
+        async def receiving() -> bool:
+            return (await daemon.metrics())[("mt5backup_wal_receiver_up", ())] == 1.0
+
+        await wait_until(receiving, 10, "mt5backup_wal_receiver_up 1")
+        metrics = await daemon.metrics()
+        assert metrics[("mt5backup_wal_enabled", ())] == 1.0
+        assert metrics[("mt5backup_wal_last_shipped_timestamp_seconds", ())] > committed.timestamp()
+    finally:
+        await daemon.stop()
+        pitr.pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                     "WHERE NOT active")
