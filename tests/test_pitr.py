@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from mt5backupd.backup import spool
+from mt5backupd.backup.encryption import NoIdentityError, generate_identity, write_identity_file
 from mt5backupd.backup.remote import receiver_client
 from mt5backupd.backup.run import run_base
 from mt5backupd.cli import main
-from mt5backupd.config import Config, LocalConfig, RemoteConfig, WalConfig
+from mt5backupd.config import Config, EncryptionConfig, LocalConfig, RemoteConfig, WalConfig
 from mt5backupd.errors import ConfigError
 from mt5backupd.ops.pitr import restore_pitr
 from mt5backupd.ops.pitrplan import PitrRefused
@@ -312,3 +313,39 @@ async def test_daemon_kill_9_takes_pg_receivewal_along_and_loses_nothing(
         await daemon.stop()
         pitr.pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                      "WHERE NOT active")
+
+
+async def test_encrypted_base_and_wal_restore_with_the_identity(pitr: Pitr,
+                                                                tmp_path: Path) -> None:
+    """With [encryption] the base and every WAL object are age files (ids end in .age); a PITR
+    restore without an identity is refused before anything is written, with it the data
+    directory recovers to the end of the shipped WAL."""
+    identity, recipient = generate_identity()
+    key = tmp_path / "key.txt"
+    write_identity_file(key, identity, recipient, "now")
+    cfg = dataclasses.replace(pitr.cfg, encryption=EncryptionConfig(recipients=(recipient,)))
+    service = WalService(cfg)
+    service.start()
+    try:
+        await wait_until(lambda: service.receivewal.running, 20, "pg_receivewal running")
+        base = await run_base(cfg)
+        assert base.ok and base.id.endswith(".tar.zst.age")
+        committed = _insert(pitr.pg, "secret-row")
+        await wait_until(lambda: _uploaded_beyond(cfg, committed), 10, "WAL shipped")
+    finally:
+        await service.stop()
+        pitr.pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+    assert all(m.id.endswith(".wal.zst.age")
+               for m in spool.load_manifests(shipped_dir(cfg), "wal"))
+    root = make_root(tmp_path / "enc")
+    with pytest.raises(NoIdentityError):
+        await restore_pitr(cfg, "latest", root / "data", source="remote", to_time=None)
+    assert not (root / "data").exists()
+    await restore_pitr(cfg, "latest", root / "data", source="remote", to_time=None,
+                       identity_files=[key])
+    server = _start_restored(root)
+    try:
+        await wait_until(lambda: _promoted(server), 30, "recovery and promotion")
+        assert server.psql("SELECT note FROM deals", DB).split() == ["secret-row"]
+    finally:
+        server.destroy()

@@ -201,11 +201,11 @@ async def restore_pitr(cfg: Config, ref: str, target_dir: Path, *, to_time: str 
             choose_base([base], cat.wal, target)  # the window check, for this base
         win = window(cat.bases, cat.wal)
         assert win is not None
-        _check_target_dir(target_dir)
         if (base.id.endswith(".age") or any(w.id.endswith(".age") for w in cat.wal)) \
                 and not identities:
             raise NoIdentityError(f"{base.id} or its WAL is encrypted (age); give --identity "
-                                  "PATH or set [encryption] identity_file")
+                                  "PATH or set [encryption] identity_file; nothing was written")
+        _check_target_dir(target_dir)
         staging = target_dir / DOWNLOAD_SUBDIR
         staging.mkdir(mode=0o700)
         base_path = await _fetch(cat, client, base.id, base.sha256, staging)
