@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("backup", metavar="ID|latest", nargs="?", default="latest")
     ver.add_argument("--identity", action="append", default=[], metavar="PATH",
                      help="age identity file (0600) for an encrypted backup; repeatable")
+    ver.add_argument("--pitr", action="store_true",
+                     help="restore the newest base backup + all shipped WAL into a scratch "
+                          "data directory and start PostgreSQL on it")
     ver.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
     pend = sub.add_parser("upload-pending", help="upload local backups whose upload is pending")
@@ -242,7 +245,8 @@ def _cmd_verify(args: argparse.Namespace, config: Config) -> int:
     from mt5backupd.daemon.jobs import run_verify
 
     setup_logging(config.log, "verify", verbose=args.verbose)
-    outcome = asyncio.run(run_verify(config, args.backup, [Path(p) for p in args.identity]))
+    outcome = asyncio.run(run_verify(config, args.backup, [Path(p) for p in args.identity],
+                                     pitr=args.pitr))
     print(json.dumps(outcome.to_json(), indent=2) if args.json else outcome.summary())
     if outcome.skipped:
         return EXIT_CONFIG

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from mt5backupd import runstate as state
 from mt5backupd.backup import spool
 from mt5backupd.backup.encryption import NoIdentityError, generate_identity, write_identity_file
 from mt5backupd.backup.remote import receiver_client
 from mt5backupd.backup.run import run_base
 from mt5backupd.cli import main
 from mt5backupd.config import Config, EncryptionConfig, LocalConfig, RemoteConfig, WalConfig
+from mt5backupd.daemon.jobs import run_verify
 from mt5backupd.errors import ConfigError
 from mt5backupd.ops.pitr import restore_pitr
 from mt5backupd.ops.pitrplan import PitrRefused
@@ -349,3 +352,20 @@ async def test_encrypted_base_and_wal_restore_with_the_identity(pitr: Pitr,
         assert server.psql("SELECT note FROM deals", DB).split() == ["secret-row"]
     finally:
         server.destroy()
+
+
+async def test_verify_pitr_starts_a_scratch_server_on_base_and_wal(
+        pitr: Pitr, wal_service: WalService) -> None:
+    """`verify --pitr`: base + all local WAL into a scratch data directory, a scratch server
+    recovers to the newest shipped WAL and answers; the result is recorded, nothing is left."""
+    base = await run_base(pitr.cfg)
+    committed = _insert(pitr.pg, "verify-me")
+    await wait_until(lambda: _uploaded_beyond(pitr.cfg, committed), 10, "WAL shipped")
+    outcome = await run_verify(pitr.cfg, pitr=True)
+    assert outcome.passed, outcome.reasons
+    assert outcome.id == base.id and outcome.tables == 1
+    [manifest] = spool.load_manifests(pitr.cfg.local.dir, "base")
+    assert manifest.extra["verify"]["result"] == "passed" and manifest.extra["verify"]["pitr"]
+    record = state.last_run(state.load_state(pitr.cfg.local.dir), "verify")
+    assert record is not None and record.succeeded and record.id == base.id
+    assert not list(Path(tempfile.gettempdir()).glob("mt5backupd-pitr-verify-*"))

@@ -23,6 +23,7 @@ from mt5backupd.backup.run import run_backup, run_base, run_repository
 from mt5backupd.config import Config
 from mt5backupd.daemon import textfile
 from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError
+from mt5backupd.ops.pitrverify import verify_pitr
 from mt5backupd.ops.verify import VerifyOutcome, verify
 
 
@@ -98,12 +99,13 @@ async def base_job(cfg: Config) -> JobOutcome:
 
 
 async def run_verify(cfg: Config, ref: str = "latest",
-                     identity_files: Sequence[Path] = ()) -> VerifyOutcome:
+                     identity_files: Sequence[Path] = (), *, pitr: bool = False) -> VerifyOutcome:
     """A test restore, recorded as a run of job "verify" (its duration: the restore's, our
     measured recovery time); "skipped" when the backup is encrypted and no identity is here."""
     started, t0 = datetime.now(UTC), time.monotonic()
     try:
-        outcome = await verify(cfg, ref, identity_files)
+        outcome = await (verify_pitr(cfg, identity_files) if pitr
+                         else verify(cfg, ref, identity_files))
     except LockHeldError:
         raise
     except Exception as exc:

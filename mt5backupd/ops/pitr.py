@@ -122,6 +122,8 @@ class PitrResult:
     wal_objects: int
     window: str
     duration_s: float
+    last_segment: str = ""  # the newest WAL handed to recovery: its segment ...
+    last_upto: int | None = None  # ... and how far its WAL reaches (None: the whole segment)
 
     def to_json(self) -> dict[str, Any]:
         return {"base": self.base, "target_dir": str(self.target_dir),
@@ -231,7 +233,7 @@ async def restore_pitr(cfg: Config, ref: str, target_dir: Path, *, to_time: str 
             await client.close()
     logger.info("PITR restore of {} ready in {}", base.id, target_dir)
     return PitrResult(base.id, target_dir, target, utc_assumed, len(chain), win.text(),
-                      time.monotonic() - t0)
+                      time.monotonic() - t0, chain[-1].segment, chain[-1].upto)
 
 
 async def _fetch(cat: Catalog, client: ReceiverClient | None, object_id: str, sha256: str,
