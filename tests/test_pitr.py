@@ -24,7 +24,7 @@ from mt5backupd.backup.remote import receiver_client
 from mt5backupd.backup.run import run_base
 from mt5backupd.cli import main
 from mt5backupd.config import Config, EncryptionConfig, LocalConfig, RemoteConfig, WalConfig
-from mt5backupd.daemon.jobs import run_verify
+from mt5backupd.daemon.jobs import run_base_now, run_verify
 from mt5backupd.errors import ConfigError
 from mt5backupd.ops.pitr import restore_pitr
 from mt5backupd.ops.pitrplan import PitrRefused
@@ -369,3 +369,27 @@ async def test_verify_pitr_starts_a_scratch_server_on_base_and_wal(
     record = state.last_run(state.load_state(pitr.cfg.local.dir), "verify")
     assert record is not None and record.succeeded and record.id == base.id
     assert not list(Path(tempfile.gettempdir()).glob("mt5backupd-pitr-verify-*"))
+
+
+async def test_local_wal_goes_with_the_rotated_base_backups(
+        pitr: Pitr, wal_service: WalService) -> None:
+    """keep_base = 1: the second base backup rotates the first out, and the local WAL before
+    the kept base's start segment is pruned with it; the rest stays."""
+    cfg = dataclasses.replace(pitr.cfg, wal=dataclasses.replace(pitr.cfg.wal, keep_base=1))
+    assert (await run_base_now(cfg)).ok
+    for i in range(2):
+        committed = _insert(pitr.pg, f"between-{i}")
+        pitr.pg.psql("SELECT pg_switch_wal()")
+    await wait_until(lambda: _uploaded_beyond(cfg, committed), 10, "WAL shipped")
+    shipped = spool.load_manifests(shipped_dir(cfg), "wal")
+    second = await run_base_now(cfg)
+    assert second.ok and second.rotated
+    [base] = spool.load_manifests(cfg.local.dir, "base")
+    start = base.extra["wal"]["start_segment"]
+    older = {m.id for m in shipped if m.extra["wal"]["segment"] < start}
+    assert older
+    committed = _insert(pitr.pg, "after-second-base")
+    await wait_until(lambda: _uploaded_beyond(cfg, committed), 10, "WAL shipped")
+    left = {m.id: m for m in spool.load_manifests(shipped_dir(cfg), "wal")}
+    assert not older & set(left), "WAL before the kept base was not pruned"
+    assert any(m.extra["wal"]["segment"] >= start for m in left.values())

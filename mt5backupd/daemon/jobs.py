@@ -25,6 +25,7 @@ from mt5backupd.daemon import textfile
 from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError
 from mt5backupd.ops.pitrverify import verify_pitr
 from mt5backupd.ops.verify import VerifyOutcome, verify
+from mt5backupd.wal.shipper import prune_shipped
 
 
 async def export_textfile(cfg: Config) -> None:
@@ -90,7 +91,12 @@ async def repository_job(cfg: Config) -> JobOutcome:
 
 
 async def run_base_now(cfg: Config) -> BackupResult:
-    return await _run_and_record(cfg, "base", lambda: run_base(cfg))
+    """A base backup; after it (and its rotation), local WAL older than the oldest local
+    base backup goes too."""
+    result = await _run_and_record(cfg, "base", lambda: run_base(cfg))
+    if result.ok:
+        await asyncio.to_thread(prune_shipped, cfg)
+    return result
 
 
 async def base_job(cfg: Config) -> JobOutcome:

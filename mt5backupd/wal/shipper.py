@@ -35,9 +35,11 @@ from mt5backupd.backup.shipspec import ProduceStats, ShipSpec
 from mt5backupd.backup.upload import ReceiverClient
 from mt5backupd.config import Config
 from mt5backupd.errors import Mt5BackupError
-from mt5backupd.walnames import OBJECT_SUFFIX, SEGMENT_RE, data_end
+from mt5backupd.fsutil import atomic_write_bytes
+from mt5backupd.walnames import OBJECT_SUFFIX, SEGMENT_RE, data_end, segment_number
 
 KIND = "wal"
+PRUNED_BELOW_FILE = ".pruned-below"  # segment number: older WAL was pruned, never ship it again
 ZSTD_LEVEL = 1
 BATCH_BYTES = 1024 * 1024
 PARTIAL_SUFFIX = ".partial"
@@ -171,8 +173,9 @@ class WalShipper:
         index = ShippedIndex.load(self.shipped)
         finished = sorted(p for p in self.received.iterdir() if SEGMENT_RE.fullmatch(p.name)) \
             if self.received.is_dir() else []
+        floor = pruned_below(self.shipped)
         for path in finished:
-            if path.name in index.full:
+            if path.name in index.full or segment_number(path.name)[1] < floor:
                 continue
             remote_ok = await self._ship_file(path, path.name, None, remote_ok)
         partials = sorted(p for p in self.received.glob(f"*{PARTIAL_SUFFIX}")
@@ -220,10 +223,44 @@ class WalShipper:
             wal = m.extra.get("wal", {})
             if wal.get("partial") and wal.get("segment") in index.full:
                 spool.remove_backup(self.shipped, m)
+        floor = pruned_below(self.shipped)
         for path in finished[:-1]:
-            if path.name in index.full:
+            if path.name in index.full or segment_number(path.name)[1] < floor:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+
+
+def pruned_below(directory: Path) -> int:
+    """The segment number WAL was pruned below (0: never pruned)."""
+    try:
+        return int((directory / PRUNED_BELOW_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def prune_shipped(cfg: Config) -> list[str]:
+    """Local WAL goes with the local base backups: remove the stored WAL objects of segments
+    before the oldest local base's start segment (no local base: nothing). A pending one stays
+    until uploaded: the receiver may keep older base backups that still need it."""
+    starts = [m.extra.get("wal", {}).get("start_segment") for m in
+              spool.load_manifests(cfg.local.dir, "base")]
+    numbers = [segment_number(s)[1] for s in starts if isinstance(s, str) and s]
+    if not numbers:
+        return []
+    oldest, directory, removed = min(numbers), shipped_dir(cfg), []
+    # first the floor, so a shipping round cannot re-ship a raw segment pruned below it
+    directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+    atomic_write_bytes(directory / PRUNED_BELOW_FILE, f"{oldest}\n".encode(), mode=0o640)
+    for m in spool.load_manifests(directory, KIND):
+        segment = str(m.extra.get("wal", {}).get("segment", ""))
+        if SEGMENT_RE.fullmatch(segment) and segment_number(segment)[1] < oldest \
+                and not m.pending:
+            spool.remove_backup(directory, m)
+            removed.append(m.id)
+    if removed:
+        logger.info("pruned {} local WAL object(s) older than the oldest base backup",
+                    len(removed))
+    return removed
 
 
 def status_fields(index: ShippedIndex) -> dict[str, Any]:
