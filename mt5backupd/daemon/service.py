@@ -307,6 +307,9 @@ class Daemon:
         if (new.http.listen_host, new.http.listen_port) != (self.cfg.http.listen_host,
                                                            self.cfg.http.listen_port):
             logger.warning("[http] listen changed; that takes a restart to apply")
+        if new.wal != self.cfg.wal:
+            logger.warning("[wal] changed; that takes a restart to apply (pg_receivewal and the "
+                           "shipper keep their settings until then)")
         self.cfg = new
         self._install_jobs()
         logger.info("config reloaded from {}", self.config_path or "defaults")
