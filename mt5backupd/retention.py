@@ -115,3 +115,23 @@ def select_remove_by_kind(by_kind: Mapping[str, Sequence[Item]], policy: Policy)
         doomed += [i.id for i in sorted(by_kind.get(WAL_KIND, ()), key=lambda i: i.created)
                    if i.created < oldest]
     return doomed
+
+
+@dataclass(frozen=True)
+class BaseItem:
+    id: str
+    created: datetime
+    pending: bool  # upload not done yet: never rotated away
+    complete: bool  # every WAL segment it needs (start to end) is stored
+
+
+def select_base_rotation(items: Sequence[BaseItem], keep: int) -> list[str]:
+    """Local base backups: keep the newest ``keep``, every pending one, and the newest whose WAL
+    chain is complete (a new base whose WAL is not all shipped yet cannot stand in for the
+    one before it); oldest first."""
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    newest_first = sorted(items, key=lambda i: (i.created, i.id), reverse=True)
+    complete = next((i.id for i in newest_first if i.complete), None)
+    doomed = [i for i in newest_first[keep:] if not i.pending and i.id != complete]
+    return [i.id for i in reversed(doomed)]

@@ -373,23 +373,28 @@ async def test_verify_pitr_starts_a_scratch_server_on_base_and_wal(
 
 async def test_local_wal_goes_with_the_rotated_base_backups(
         pitr: Pitr, wal_service: WalService) -> None:
-    """keep_base = 1: the second base backup rotates the first out, and the local WAL before
-    the kept base's start segment is pruned with it; the rest stays."""
+    """keep_base = 1: a new base whose WAL is not all stored yet keeps the one before it; the
+    oldest base is rotated out and the local WAL before the oldest kept base's start segment
+    goes with it, never to be shipped again."""
     cfg = dataclasses.replace(pitr.cfg, wal=dataclasses.replace(pitr.cfg.wal, keep_base=1))
-    assert (await run_base_now(cfg)).ok
+    first = await run_base_now(cfg)
     for i in range(2):
         committed = _insert(pitr.pg, f"between-{i}")
         pitr.pg.psql("SELECT pg_switch_wal()")
     await wait_until(lambda: _uploaded_beyond(cfg, committed), 10, "WAL shipped")
-    shipped = spool.load_manifests(shipped_dir(cfg), "wal")
     second = await run_base_now(cfg)
-    assert second.ok and second.rotated
-    [base] = spool.load_manifests(cfg.local.dir, "base")
-    start = base.extra["wal"]["start_segment"]
+    committed = _insert(pitr.pg, "after-second")
+    await wait_until(lambda: _uploaded_beyond(cfg, committed), 10, "WAL shipped")
+    shipped = spool.load_manifests(shipped_dir(cfg), "wal")
+    third = await run_base_now(cfg)  # its own WAL cannot be complete yet: the second stays
+    assert third.rotated == [first.id]
+    kept = {m.id: m for m in spool.load_manifests(cfg.local.dir, "base")}
+    assert set(kept) == {second.id, third.id}
+    start = kept[second.id].extra["wal"]["start_segment"]
     older = {m.id for m in shipped if m.extra["wal"]["segment"] < start}
     assert older
-    committed = _insert(pitr.pg, "after-second-base")
+    committed = _insert(pitr.pg, "after-third")
     await wait_until(lambda: _uploaded_beyond(cfg, committed), 10, "WAL shipped")
     left = {m.id: m for m in spool.load_manifests(shipped_dir(cfg), "wal")}
-    assert not older & set(left), "WAL before the kept base was not pruned"
+    assert not older & set(left), "WAL before the kept base was not pruned (or came back)"
     assert any(m.extra["wal"]["segment"] >= start for m in left.values())

@@ -13,6 +13,7 @@ from mt5backupd.backup.basebackup import wal_range
 from mt5backupd.backup.tarwatch import TarWatcher
 from mt5backupd.errors import Mt5BackupError
 from mt5backupd.wal.receivewal import repair_partials
+from mt5backupd.wal.shipper import ShippedIndex, chain_complete
 from mt5backupd.walnames import (
     WalObject,
     data_end,
@@ -130,3 +131,17 @@ def test_repair_partials_after_a_kill_during_preallocation(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "000000010000000000000002.partial.broken", "000000010000000000000003.partial",
         "000000010000000000000004.partial"]
+
+
+@pytest.mark.parametrize(("full", "upto", "complete"), [
+    ({"000000010000000000000003", "000000010000000000000004"}, {}, True),
+    ({"000000010000000000000003"}, {"000000010000000000000004": 4096}, True),
+    ({"000000010000000000000003"}, {"000000010000000000000004": 200}, False),
+    ({"000000010000000000000004"}, {}, False),
+])
+def test_chain_complete(full: set[str], upto: dict[str, int], complete: bool) -> None:
+    """A base's WAL is complete when every segment to its end is stored, the last maybe as a
+    snapshot that reaches its end LSN."""
+    wal = {"start_segment": "000000010000000000000003", "end_segment": "000000010000000000000004",
+           "end_lsn": "0/4000100", "segment_bytes": MB16}
+    assert chain_complete(wal, ShippedIndex(full, upto, "", "", 0)) is complete

@@ -108,7 +108,9 @@ async def base_spec(cfg: Config, password: Secret | None) -> ShipSpec:
         await asyncio.get_running_loop().run_in_executor(None, check_tar, path, identities)
 
     return ShipSpec(kind=KIND, prefix=PREFIX, suffix=SUFFIX, compression=f"zstd:{ZSTD_LEVEL}",
-                    keep=cfg.wal.keep_base, produce=produce, verify=verify,
+                    # keep=0: no rotation by count here; wal.shipper.rotate_bases rotates
+                    # after the run, never away the newest base whose WAL chain is complete
+                    keep=0, produce=produce, verify=verify,
                     describe=f"pg_basebackup of {db.host or 'local'}:{db.port or 5432}",
                     manifest_fields={"database": "", "pg_dump_version": version,
                                      "server_version": server_version})

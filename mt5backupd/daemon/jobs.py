@@ -25,7 +25,7 @@ from mt5backupd.daemon import textfile
 from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError
 from mt5backupd.ops.pitrverify import verify_pitr
 from mt5backupd.ops.verify import VerifyOutcome, verify
-from mt5backupd.wal.shipper import prune_shipped
+from mt5backupd.wal.shipper import prune_shipped, rotate_bases
 
 
 async def export_textfile(cfg: Config) -> None:
@@ -91,10 +91,11 @@ async def repository_job(cfg: Config) -> JobOutcome:
 
 
 async def run_base_now(cfg: Config) -> BackupResult:
-    """A base backup; after it (and its rotation), local WAL older than the oldest local
-    base backup goes too."""
+    """A base backup; then the local base rotation (never away the newest base whose WAL
+    chain is complete), then the local WAL older than the oldest base left."""
     result = await _run_and_record(cfg, "base", lambda: run_base(cfg))
     if result.ok:
+        result.rotated = await asyncio.to_thread(rotate_bases, cfg)
         await asyncio.to_thread(prune_shipped, cfg)
     return result
 

@@ -36,7 +36,16 @@ from mt5backupd.backup.upload import ReceiverClient
 from mt5backupd.config import Config
 from mt5backupd.errors import Mt5BackupError
 from mt5backupd.fsutil import atomic_write_bytes
-from mt5backupd.walnames import OBJECT_SUFFIX, SEGMENT_RE, data_end, segment_number
+from mt5backupd.retention import BaseItem, select_base_rotation
+from mt5backupd.walnames import (
+    DEFAULT_SEGMENT_BYTES,
+    OBJECT_SUFFIX,
+    SEGMENT_RE,
+    data_end,
+    next_segment,
+    parse_lsn,
+    segment_number,
+)
 
 KIND = "wal"
 PRUNED_BELOW_FILE = ".pruned-below"  # segment number: older WAL was pruned, never ship it again
@@ -236,6 +245,36 @@ def pruned_below(directory: Path) -> int:
         return int((directory / PRUNED_BELOW_FILE).read_text().strip())
     except (OSError, ValueError):
         return 0
+
+
+def chain_complete(wal: dict[str, Any], index: ShippedIndex) -> bool:
+    """Whether the WAL a base backup needs (its manifest's ``extra.wal``) is all stored."""
+    try:
+        segment, end = str(wal["start_segment"]), str(wal["end_segment"])
+        segment_bytes = int(wal.get("segment_bytes", DEFAULT_SEGMENT_BYTES))
+        end_offset = parse_lsn(str(wal["end_lsn"])) % segment_bytes
+    except (KeyError, ValueError, TypeError):
+        return False
+    while segment < end:
+        if segment not in index.full:
+            return False
+        segment = next_segment(segment, segment_bytes)
+    return end in index.full or index.upto.get(end, 0) >= end_offset
+
+
+def rotate_bases(cfg: Config) -> list[str]:
+    """Local base rotation by ``[wal] keep_base``, never away the newest base whose WAL chain
+    is complete (``retention.select_base_rotation``)."""
+    index = ShippedIndex.load(shipped_dir(cfg))
+    bases = spool.load_manifests(cfg.local.dir, "base")
+    by_id = {m.id: m for m in bases}
+    doomed = select_base_rotation(
+        [BaseItem(m.id, m.created, m.pending, chain_complete(m.extra.get("wal", {}), index))
+         for m in bases], cfg.wal.keep_base)
+    for backup_id in doomed:
+        spool.remove_backup(cfg.local.dir, by_id[backup_id])
+        logger.info("rotated out local base backup {}", backup_id)
+    return doomed
 
 
 def prune_shipped(cfg: Config) -> list[str]:
