@@ -25,7 +25,7 @@ from mt5backupd.backup.run import run_base
 from mt5backupd.cli import main
 from mt5backupd.config import Config, EncryptionConfig, LocalConfig, RemoteConfig, WalConfig
 from mt5backupd.daemon.jobs import run_base_now, run_verify
-from mt5backupd.errors import ConfigError
+from mt5backupd.errors import ChecksumMismatchError, ConfigError
 from mt5backupd.ops.pitr import restore_pitr
 from mt5backupd.ops.pitrplan import PitrRefused
 from mt5backupd.ops.walcheck import wal_checks
@@ -398,3 +398,21 @@ async def test_local_wal_goes_with_the_rotated_base_backups(
     left = {m.id: m for m in spool.load_manifests(shipped_dir(cfg), "wal")}
     assert not older & set(left), "WAL before the kept base was not pruned (or came back)"
     assert any(m.extra["wal"]["segment"] >= start for m in left.values())
+
+
+async def test_a_changed_wal_object_is_refused_by_its_sha256(
+        pitr: Pitr, wal_service: WalService, tmp_path: Path) -> None:
+    """Every object's sha256 is checked: one changed byte in a stored WAL object stops the
+    restore with exit 6, naming the object."""
+    assert (await run_base(pitr.cfg)).ok
+    committed = _insert(pitr.pg, "x")
+    await wait_until(lambda: _uploaded_beyond(pitr.cfg, committed), 10, "WAL shipped")
+    await wal_service.stop()
+    victim = spool.load_manifests(shipped_dir(pitr.cfg), "wal")[-1]
+    path = shipped_dir(pitr.cfg) / victim.file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=f"{victim.id}: sha256 mismatch") as info:
+        await restore_pitr(pitr.cfg, "latest", tmp_path / "target", to_time=None)
+    assert info.value.exit_code == 6
