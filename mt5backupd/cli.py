@@ -23,6 +23,7 @@ from mt5backupd.errors import (
     EXIT_VERIFY,
     ConfigError,
     Mt5BackupError,
+    UsageError,
 )
 from mt5backupd.logs import setup_logging
 from mt5backupd.tuning import tune_process
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(parser, top=True)
     parser.add_argument("--run-now", action="store_true",
                         help="take one database backup now, in the foreground, and exit")
-    parser.add_argument("--job", choices=("database", "repository"), default="database",
+    parser.add_argument("--job", choices=("database", "repository", "base"), default="database",
                         help="with --run-now: which job (default: database)")
     parser.add_argument("--env-file", metavar="PATH",
                         help="legacy /etc/default/mt5-backup style KEY=VALUE overrides")
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     rst = sub.add_parser("restore", help="verify a backup's sha256, then pg_restore it")
     _add_common(rst, top=False)
     rst.add_argument("backup", metavar="ID|latest", help="backup id, file name or 'latest'")
-    rst.add_argument("--target-db", required=True, metavar="NAME",
+    rst.add_argument("--target-db", metavar="NAME",
                      help="database to restore into (on the configured server)")
     rst.add_argument("--from", dest="source", choices=("local", "remote"), default="local",
                      help="take the backup from the local dir (default) or the receiver")
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     rst.add_argument("--identity", action="append", default=[], metavar="PATH",
                      help="age identity file (0600) for an encrypted backup; repeatable, "
                      "added to [encryption] identity_file")
+    rst.add_argument("--pitr", action="store_true",
+                     help="point-in-time: base backup ID|latest + WAL into --target-dir")
+    rst.add_argument("--to-time", metavar="TIMESTAMP",
+                     help="with --pitr: recover to this time (no zone: UTC); default: as far "
+                          "as the shipped WAL goes")
+    rst.add_argument("--target-dir", metavar="DIR",
+                     help="with --pitr: a new or empty directory for the data directory")
     rst.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
     chk = sub.add_parser("check", help="self-test: tools, database, dirs, secrets, receiver, "
@@ -90,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("backup", metavar="ID|latest", nargs="?", default="latest")
     ver.add_argument("--identity", action="append", default=[], metavar="PATH",
                      help="age identity file (0600) for an encrypted backup; repeatable")
+    ver.add_argument("--pitr", action="store_true",
+                     help="restore the newest base backup + all shipped WAL into a scratch "
+                          "data directory and start PostgreSQL on it")
     ver.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
     pend = sub.add_parser("upload-pending", help="upload local backups whose upload is pending")
@@ -156,9 +167,11 @@ def _print_result(result: BackupResult, as_json: bool) -> None:
 
 def _cmd_run_now(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log, "backup", verbose=args.verbose)
-    from mt5backupd.daemon.jobs import run_database, run_repository_now
+    from mt5backupd.daemon.jobs import run_base_now, run_database, run_repository_now
 
-    if args.job == "repository":
+    if args.job == "base":
+        result = asyncio.run(run_base_now(config))
+    elif args.job == "repository":
         result = asyncio.run(run_repository_now(config))
     else:
         result = asyncio.run(run_database(config,
@@ -175,7 +188,12 @@ def _cmd_list(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps([e.to_json() for e in entries], indent=2))
     else:
-        print(listing.format_table(entries))
+        wal = [e for e in entries if e.kind == "wal"]  # one per segment: a count, not rows
+        print(listing.format_table([e for e in entries if e.kind != "wal"]))
+        if config.wal.enabled or wal or any(e.kind == "base" for e in entries):
+            from mt5backupd.ops.pitr import window_line
+
+            print(asyncio.run(window_line(config, remote=args.remote)))
     return EXIT_OK
 
 
@@ -183,10 +201,26 @@ def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
     from mt5backupd.ops import restore
 
     setup_logging(config.log, "restore", verbose=args.verbose)
+    if args.pitr:
+        return _restore_pitr(args, config)
+    if args.target_db is None:
+        raise UsageError("restore needs --target-db NAME (or --pitr --target-dir DIR)")
     result = asyncio.run(restore.restore(
         config, args.backup, args.target_db, source=args.source, create=args.create,
         jobs=args.jobs, force=args.force, no_owner=args.no_owner,
         identity_files=[Path(p) for p in args.identity]))
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
+    return EXIT_OK
+
+
+def _restore_pitr(args: argparse.Namespace, config: Config) -> int:
+    from mt5backupd.ops.pitr import restore_pitr
+
+    if args.target_dir is None:
+        raise UsageError("restore --pitr needs --target-dir DIR")
+    result = asyncio.run(restore_pitr(config, args.backup, Path(args.target_dir),
+                                      to_time=args.to_time, source=args.source,
+                                      identity_files=[Path(p) for p in args.identity]))
     print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
     return EXIT_OK
 
@@ -211,7 +245,8 @@ def _cmd_verify(args: argparse.Namespace, config: Config) -> int:
     from mt5backupd.daemon.jobs import run_verify
 
     setup_logging(config.log, "verify", verbose=args.verbose)
-    outcome = asyncio.run(run_verify(config, args.backup, [Path(p) for p in args.identity]))
+    outcome = asyncio.run(run_verify(config, args.backup, [Path(p) for p in args.identity],
+                                     pitr=args.pitr))
     print(json.dumps(outcome.to_json(), indent=2) if args.json else outcome.summary())
     if outcome.skipped:
         return EXIT_CONFIG

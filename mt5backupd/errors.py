@@ -26,6 +26,12 @@ class ConfigError(Mt5BackupError):
     exit_code = EXIT_CONFIG
 
 
+class UsageError(Mt5BackupError):
+    """A command line that argparse accepts but that does not make sense (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
 class LockHeldError(Mt5BackupError):
     exit_code = EXIT_LOCKED
 

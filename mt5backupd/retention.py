@@ -7,7 +7,7 @@ always kept, whatever the policy, and an empty policy is refused rather than rea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -92,4 +92,46 @@ def select_rotation(items: Sequence[LocalItem], keep: int) -> list[str]:
         raise ValueError("keep must be >= 1")
     newest_first = sorted(items, key=lambda i: (i.created, i.id), reverse=True)
     doomed = [i for i in newest_first[keep:] if not i.pending]
+    return [i.id for i in reversed(doomed)]
+
+
+WAL_KIND = "wal"
+BASE_KIND = "base"
+
+
+def select_remove_by_kind(by_kind: Mapping[str, Sequence[Item]], policy: Policy) -> list[str]:
+    """The policy per kind, except WAL: WAL objects are not backups of their own but the chain
+    the base backups recover through, so they go with the base backups: a WAL object is removed
+    only when it was taken before the oldest base backup that stays (each base needs WAL from
+    its own start on). With no base backup, all WAL stays."""
+    doomed: list[str] = []
+    for kind, items in by_kind.items():
+        if kind != WAL_KIND:
+            doomed += select_remove(items, policy)
+    gone = set(doomed)
+    kept_bases = [i for i in by_kind.get(BASE_KIND, ()) if i.id not in gone]
+    if kept_bases:
+        oldest = min(i.created for i in kept_bases)
+        doomed += [i.id for i in sorted(by_kind.get(WAL_KIND, ()), key=lambda i: i.created)
+                   if i.created < oldest]
+    return doomed
+
+
+@dataclass(frozen=True)
+class BaseItem:
+    id: str
+    created: datetime
+    pending: bool  # upload not done yet: never rotated away
+    complete: bool  # every WAL segment it needs (start to end) is stored
+
+
+def select_base_rotation(items: Sequence[BaseItem], keep: int) -> list[str]:
+    """Local base backups: keep the newest ``keep``, every pending one, and the newest whose WAL
+    chain is complete (a new base whose WAL is not all shipped yet cannot stand in for the
+    one before it); oldest first."""
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    newest_first = sorted(items, key=lambda i: (i.created, i.id), reverse=True)
+    complete = next((i.id for i in newest_first if i.complete), None)
+    doomed = [i for i in newest_first[keep:] if not i.pending and i.id != complete]
     return [i.id for i in reversed(doomed)]

@@ -60,3 +60,12 @@ def process_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.fixture(scope="module")
+def pitr_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
+    """A started cluster set up for streaming replication (wal_level=replica, senders, slots),
+    private to one test module: PITR tests switch WAL, create slots and read the server's
+    history, which must not leak into other tests' cluster."""
+    with PgCluster.create(tmp_path_factory.mktemp("pgrepl"), replication=True) as pg:
+        yield pg

@@ -73,3 +73,34 @@ def test_empty_or_negative_policy_refused(policy: Policy) -> None:
 def test_select_rotation(items: list[LocalItem], keep: int, removed: list[str]) -> None:
     """Rotation removes the oldest beyond `keep`, oldest first, and never a pending backup."""
     assert select_rotation(items, keep) == removed
+
+
+def test_wal_goes_with_the_base_backups_not_by_count() -> None:
+    """Per-kind policy for backups; WAL older than the oldest kept base is removed, the rest
+    stays whatever keep_last says; without base backups all WAL stays."""
+    from mt5backupd.retention import select_remove_by_kind
+
+    day = datetime(2026, 11, 1, tzinfo=UTC)
+    bases = [Item(f"base-{d}", day + timedelta(days=d)) for d in (0, 7, 14)]
+    wal = [Item(f"wal-{h}", day + timedelta(hours=h)) for h in range(0, 24 * 15, 24)]
+    doomed = select_remove_by_kind({"base": bases, "wal": wal}, Policy(keep_last=2))
+    assert doomed == ["base-0", *(f"wal-{h}" for h in range(0, 24 * 7, 24))]
+    assert select_remove_by_kind({"wal": wal}, Policy(keep_last=1)) == []
+
+
+@pytest.mark.parametrize(("complete", "pending", "keep", "doomed"), [
+    ({"b1", "b2", "b3"}, set(), 1, ["b1", "b2"]),
+    ({"b1", "b2"}, set(), 1, ["b1"]),  # b3's WAL not all stored: b2 stays with it
+    ({"b1"}, set(), 1, ["b2"]),
+    (set(), set(), 2, ["b1"]),
+    ({"b1", "b2", "b3"}, {"b1"}, 1, ["b2"]),  # pending: never rotated away
+])
+def test_base_rotation_keeps_the_newest_complete_chain(
+        complete: set[str], pending: set[str], keep: int, doomed: list[str]) -> None:
+    """Newest `keep` bases, every pending one, and the newest with a complete WAL chain stay."""
+    from mt5backupd.retention import BaseItem, select_base_rotation
+
+    day = datetime(2026, 11, 1, tzinfo=UTC)
+    items = [BaseItem(f"b{n}", day + timedelta(days=7 * n), f"b{n}" in pending,
+                      f"b{n}" in complete) for n in (1, 2, 3)]
+    assert select_base_rotation(items, keep) == doomed

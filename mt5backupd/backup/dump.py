@@ -50,20 +50,23 @@ def server_major(version_num: int) -> int:
 
 
 async def tool_version(binary: str, key: str) -> tuple[int, str]:
+    """(major, version text) of a PostgreSQL tool; ``key`` names its config key, under
+    [database] unless it names its section itself (``[wal] pg_basebackup``)."""
+    key = key if key.startswith("[") else f"[database] {key}"
     try:
         proc = await asyncio.create_subprocess_exec(
             binary, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=child_env())
     except FileNotFoundError:
-        raise ConfigError(f"[database] {key}: {binary!r} not found (install the PostgreSQL "
+        raise ConfigError(f"{key}: {binary!r} not found (install the PostgreSQL "
                           "client matching the server, or set its path)") from None
     except PermissionError:
-        raise ConfigError(f"[database] {key}: {binary!r} is not executable") from None
+        raise ConfigError(f"{key}: {binary!r} is not executable") from None
     out, _err = await proc.communicate()
     try:
         return parse_tool_version(out.decode(errors="replace"))
     except ValueError as exc:
-        raise ConfigError(f"[database] {key}: {binary!r}: {exc}") from None
+        raise ConfigError(f"{key}: {binary!r}: {exc}") from None
 
 
 def check_dump_compatible(dump_major: int, server_major_version: int, binary: str) -> None:
@@ -189,6 +192,7 @@ async def run_dump(
     *,
     stall_timeout_s: float,
     stats: DumpStats | None = None,
+    tool: str = "pg_dump",
 ) -> DumpStats:
     """Run pg_dump with stdout into ``pump(read_fd, on_read)`` (called in a worker thread).
 
@@ -212,7 +216,8 @@ async def run_dump(
         )
     except FileNotFoundError:
         os.close(read_fd)
-        raise ConfigError(f"[database] pg_dump: {argv[0]!r} not found") from None
+        section = "[database]" if tool == "pg_dump" else "[wal]"
+        raise ConfigError(f"{section} {tool}: {argv[0]!r} not found") from None
     finally:
         os.close(write_fd)  # only pg_dump holds the write end now: its exit is our EOF
     tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -223,7 +228,7 @@ async def run_dump(
             line = raw_line.decode(errors="replace").rstrip()
             if line:
                 tail.append(line)
-                logger.warning("pg_dump: {}", line)
+                logger.warning("{}: {}", tool, line)
 
     stalled = False
 
@@ -234,7 +239,7 @@ async def run_dump(
             await asyncio.sleep(interval_s)
             if time.monotonic() - last_activity[0] > stall_timeout_s:
                 stalled = True
-                logger.error("pg_dump produced no output for {:.0f} s; stopping it",
+                logger.error("{} produced no output for {:.0f} s; stopping it", tool,
                              stall_timeout_s)
                 await _stop_group(proc)
                 return
@@ -264,7 +269,7 @@ async def run_dump(
         stats.duration_s = time.monotonic() - started
         stats.stderr_tail = list(tail)
     if stalled:
-        raise DumpFailed(f"pg_dump produced no output for {stall_timeout_s:.0f} s "
+        raise DumpFailed(f"{tool} produced no output for {stall_timeout_s:.0f} s "
                          "([database] stall_timeout_s) and was killed")
     if stats.returncode != 0:
         reason = tail[-1] if tail else "no message"
@@ -272,5 +277,5 @@ async def run_dump(
             how = f"was killed by signal {-stats.returncode}"
         else:
             how = f"exited with status {stats.returncode}"
-        raise DumpFailed(f"pg_dump {how}: {reason}")
+        raise DumpFailed(f"{tool} {how}: {reason}")
     return stats

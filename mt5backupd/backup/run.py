@@ -26,6 +26,7 @@ from pyrage import x25519
 
 from mt5backupd import runstate as state
 from mt5backupd.backup import spool
+from mt5backupd.backup.basebackup import base_spec
 from mt5backupd.backup.compress import Writable
 from mt5backupd.backup.database import check_database_names, database_spec
 from mt5backupd.backup.encryption import (
@@ -105,6 +106,15 @@ async def run_repository(cfg: Config, observer: RunObserver | None = None) -> Ba
 
     with RunLock(cfg.local.dir):
         return await _run_locked(cfg, observer or RunObserver(), False, make_spec)
+
+
+async def run_base(cfg: Config, observer: RunObserver | None = None) -> BackupResult:
+    """A base backup for point-in-time recovery (pg_basebackup; backup/basebackup)."""
+    cfg.local.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    with RunLock(cfg.local.dir):
+        password = database_password(cfg.database)
+        return await _run_locked(cfg, observer or RunObserver(), False,
+                                 lambda: base_spec(cfg, password))
 
 
 def rotate(directory: Path, keep: int, kind: str = spool.KIND_DATABASE) -> list[str]:
@@ -223,11 +233,18 @@ async def _ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
         dump_duration_s=stats.duration_s, upload_state=manifest.upload.state,
         upload_retries=run.progress.retries, uploaded_bytes=run.progress.sent_bytes,
         resumed_at=run.progress.resumed_at, size_anomaly=manifest.size_anomaly,
-        rotated=rotate(run.directory, spec.keep, spec.kind),
+        rotated=rotate(run.directory, spec.keep, spec.kind) if spec.keep else [],
     )
     logger.info("backup {} ok: {} bytes sha256 {} in {:.1f} s, upload {}", result.id,
                 result.size, result.sha256[:12], result.duration_s, result.upload_state)
     return result
+
+
+async def ship(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
+               observer: RunObserver | None = None) -> BackupResult:
+    """One object through the same path as every backup, for a caller that holds its own
+    client and ordering (the WAL shipper): produce, spool, sha256, upload, publish, commit."""
+    return await _ship(cfg, client, spec, observer or RunObserver(), False)
 
 
 async def _start(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
@@ -238,8 +255,8 @@ async def _start(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
     t0 = time.monotonic()
     encryption = cfg.encryption
     suffix = spec.suffix + (AGE_SUFFIX if encryption.enabled else "")
-    backup = spool.unique_backup_name(directory, spec.prefix, started, suffix,
-                                      await remote_ids(client))
+    backup = spec.name + suffix if spec.name else spool.unique_backup_name(
+        directory, spec.prefix, started, suffix, await remote_ids(client))
     draft = spool.Manifest(
         id=backup, file=backup, kind=spec.kind, size=0, sha256="", compression=spec.compression,
         started=started.isoformat(), finished="", duration_s=0.0, dump_duration_s=0.0,
@@ -247,7 +264,7 @@ async def _start(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
         encryption={"format": AGE_FORMAT, "recipients": list(encryption.recipients)}
         if encryption.enabled else {},
         **{"database": "", **spec.manifest_fields})
-    previous = spool.load_manifests(directory, spec.kind)
+    previous = [] if spec.name else spool.load_manifests(directory, spec.kind)
     spooled = spool.SpoolFile(directory, backup)
     source = GrowingSource(spooled.path, lambda: spooled.size)
     spooled.on_write = source.notify_threadsafe
@@ -293,7 +310,9 @@ async def _publish(run: _Run, stats: ProduceStats) -> spool.Manifest:
         run.draft, size=spooled.size, sha256=spooled.sha256,
         finished=datetime.now(UTC).isoformat(), duration_s=round(time.monotonic() - run.t0, 3),
         dump_duration_s=round(stats.duration_s, 3), raw_bytes=stats.raw_bytes,
-        size_anomaly=bool(previous and previous[-1].compression == run.spec.compression
+        # objects with fixed names (WAL) are not runs of one thing: their sizes vary by design
+        size_anomaly=bool(not run.spec.name and previous
+                          and previous[-1].compression == run.spec.compression
                           and spooled.size < previous[-1].size * ANOMALY_RATIO),
         extra={**run.draft.extra, **stats.extra})
     publishing = loop.run_in_executor(None, spool.publish, spooled,

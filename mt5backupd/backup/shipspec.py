@@ -39,6 +39,9 @@ class ShipSpec:
     verify: Callable[[Path, Sequence[x25519.Identity]], Awaitable[None]]
     describe: str  # "mt5_trading" / "/srv/trading-repo" for the log line
     manifest_fields: dict[str, Any] = field(default_factory=dict)  # Manifest attributes
+    # A fixed id stem instead of ``prefix-<time>`` (WAL objects are named by their segment);
+    # keep = 0 then means no rotation by count (WAL is pruned with the base backups).
+    name: str | None = None
 
 
 # the longest name a run can generate from a prefix: a stem with a same-second counter

@@ -196,6 +196,8 @@ def upload_metadata(manifest: Manifest) -> dict[str, Any]:
                         server_version=manifest.server_version)
     if "path" in manifest.extra:
         metadata["path"] = manifest.extra["path"]
+    if "wal" in manifest.extra:  # a WAL object's segment and time: what a remote PITR plans by
+        metadata["wal"] = manifest.extra["wal"]
     if manifest.encryption:
         metadata["encryption"] = manifest.encryption
     return metadata

@@ -40,6 +40,7 @@ from mt5backupd.config.model import (
     RetentionConfig,
     ScheduleConfig,
     StorageConfig,
+    WalConfig,
 )
 from mt5backupd.config.secret import Secret
 from mt5backupd.config.urls import is_plain_http_remote, normalize_remote_url
@@ -68,6 +69,7 @@ __all__ = [
     "ScheduleConfig",
     "Secret",
     "StorageConfig",
+    "WalConfig",
     "file_mode_problems",
     "is_plain_http_remote",
     "load_config",

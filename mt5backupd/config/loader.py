@@ -45,6 +45,7 @@ from mt5backupd.config.model import (
     RetentionConfig,
     ScheduleConfig,
     StorageConfig,
+    WalConfig,
 )
 from mt5backupd.config.secret import Secret
 from mt5backupd.config.section import Section, parse_listen
@@ -219,6 +220,7 @@ def _load_schedule(sec: Section, checks: ScheduleChecks | None) -> ScheduleConfi
         repository=sec.get("repository", str, d.repository),
         verify=sec.get("verify", str, d.verify),
         upload_pending=sec.get("upload_pending", str, d.upload_pending),
+        base=sec.get("base", str, d.base),
         misfire_grace_s=sec.float_min("misfire_grace_s", d.misfire_grace_s, 1.0),
     )
     if checks is not None:
@@ -227,7 +229,7 @@ def _load_schedule(sec: Section, checks: ScheduleChecks | None) -> ScheduleConfi
                 checks.timezone(cfg.timezone)
             except ValueError as exc:
                 raise sec.error("timezone", str(exc)) from None
-        for key in ("database", "repository", "verify", "upload_pending"):
+        for key in ("database", "repository", "verify", "upload_pending", "base"):
             expr = getattr(cfg, key)
             if expr:
                 try:
@@ -318,6 +320,29 @@ def _load_encryption(sec: Section) -> EncryptionConfig:
     return cfg
 
 
+_SLOT_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def _load_wal(sec: Section) -> WalConfig:
+    d = WalConfig()
+    cfg = WalConfig(
+        enabled=sec.get("enabled", bool, d.enabled),
+        slot=sec.get("slot", str, d.slot),
+        max_lag_s=sec.float_min("max_lag_s", d.max_lag_s, 0.2),
+        synchronous=sec.get("synchronous", bool, d.synchronous),
+        pg_receivewal=sec.get("pg_receivewal", str, d.pg_receivewal),
+        pg_basebackup=sec.get("pg_basebackup", str, d.pg_basebackup),
+        keep_base=sec.int_min("keep_base", d.keep_base, 1),
+        restart_max_delay_s=sec.float_min("restart_max_delay_s", d.restart_max_delay_s, 0.1),
+    )
+    # PostgreSQL's own rule for slot names: lower-case letters, digits and underscores
+    if not cfg.slot or len(cfg.slot) > 63 or not set(cfg.slot) <= _SLOT_CHARS:
+        raise sec.error("slot", "must be 1..63 of a-z 0-9 _ (PostgreSQL's slot name rule), "
+                        f"got {cfg.slot!r}")
+    sec.finish()
+    return cfg
+
+
 def resolve_config_path(cli_value: str | None, env: Mapping[str, str]) -> tuple[Path, bool]:
     """Return (path, explicit). A missing default file is fine (defaults + env apply)."""
     if cli_value:
@@ -376,6 +401,7 @@ def load_config(
     daemon = _load_daemon(root.sub("daemon"))
     notify = _load_notify(root.sub("notify"))
     encryption = _load_encryption(root.sub("encryption"))
+    wal = _load_wal(root.sub("wal"))
     unknown = sorted(set(data) - root.seen)
     if unknown:
         raise ConfigError(f"{where}: [{unknown[0]}]: unknown section")
@@ -395,6 +421,7 @@ def load_config(
         daemon=daemon,
         notify=notify,
         encryption=encryption,
+        wal=wal,
         legacy_receiver_token=Secret(token) if token else None,
     )
     cfg = apply_legacy_env(cfg, env, str(env_file) if env_file else "environment")

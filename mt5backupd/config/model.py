@@ -119,6 +119,7 @@ class ScheduleConfig:
     repository: str = "0 4 * * 0"
     verify: str = "0 5 1 * *"  # monthly test restore
     upload_pending: str = "0 * * * *"
+    base: str = "0 2 * * 0"  # weekly base backup (pg_basebackup) when [wal] enabled
     misfire_grace_s: float = 3600.0
 
 
@@ -177,6 +178,22 @@ class EncryptionConfig:
 
 
 @dataclass(frozen=True)
+class WalConfig:
+    """[wal]: continuous WAL streaming (pg_receivewal) and base backups for point-in-time
+    recovery; off by default."""
+
+    enabled: bool = False
+    slot: str = "mt5backupd"  # physical replication slot, created when missing
+    max_lag_s: float = 10.0  # the growing partial segment is shipped at least this often
+    synchronous: bool = False  # pg_receivewal --synchronous (flush and confirm every write)
+    pg_receivewal: str = "pg_receivewal"
+    pg_basebackup: str = "pg_basebackup"
+    keep_base: int = 2  # local base backups kept (WAL older than the oldest is pruned with it)
+    # restarts of a dead pg_receivewal wait 1 s, 2 s, 4 s ... up to this
+    restart_max_delay_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path | None = None  # the TOML file this came from, for messages
     log: LogConfig = field(default_factory=LogConfig)
@@ -192,6 +209,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    wal: WalConfig = field(default_factory=WalConfig)
     # The legacy BACKUP_API_TOKEN, served by the receiver as the client token named "default".
     legacy_receiver_token: Secret | None = None
 

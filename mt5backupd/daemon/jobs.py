@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 from mt5backupd import runstate as state
 from mt5backupd.backup.pending import pending_command
 from mt5backupd.backup.result import BackupResult
-from mt5backupd.backup.run import run_backup, run_repository
+from mt5backupd.backup.run import run_backup, run_base, run_repository
 from mt5backupd.config import Config
 from mt5backupd.daemon import textfile
 from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError
+from mt5backupd.wal.shipper import prune_shipped, rotate_bases
 
 if TYPE_CHECKING:  # `--run-now` never verifies: it does not import the restore side
     from mt5backupd.ops.verify import VerifyOutcome
@@ -90,15 +91,32 @@ async def repository_job(cfg: Config) -> JobOutcome:
     return JobOutcome(result.exit_code == EXIT_OK, result.to_json())
 
 
+async def run_base_now(cfg: Config) -> BackupResult:
+    """A base backup; then the local base rotation (never away the newest base whose WAL
+    chain is complete), then the local WAL older than the oldest base left."""
+    result = await _run_and_record(cfg, "base", lambda: run_base(cfg))
+    if result.ok:
+        result.rotated = await asyncio.to_thread(rotate_bases, cfg)
+        await asyncio.to_thread(prune_shipped, cfg)
+    return result
+
+
+async def base_job(cfg: Config) -> JobOutcome:
+    result = await run_base_now(cfg)
+    return JobOutcome(result.exit_code == EXIT_OK, result.to_json())
+
+
 async def run_verify(cfg: Config, ref: str = "latest",
-                     identity_files: Sequence[Path] = ()) -> VerifyOutcome:
+                     identity_files: Sequence[Path] = (), *, pitr: bool = False) -> VerifyOutcome:
     """A test restore, recorded as a run of job "verify" (its duration: the restore's, our
     measured recovery time); "skipped" when the backup is encrypted and no identity is here."""
     started, t0 = datetime.now(UTC), time.monotonic()
     try:
+        from mt5backupd.ops.pitrverify import verify_pitr
         from mt5backupd.ops.verify import verify
 
-        outcome = await verify(cfg, ref, identity_files)
+        outcome = await (verify_pitr(cfg, identity_files) if pitr
+                         else verify(cfg, ref, identity_files))
     except LockHeldError:
         raise
     except Exception as exc:
@@ -141,4 +159,5 @@ DAEMON_JOBS = {
     "repository": repository_job,
     "verify": verify_job,
     "upload_pending": upload_pending_job,
+    "base": base_job,
 }

@@ -21,11 +21,13 @@ from prometheus_client.registry import Collector
 from mt5backupd import __version__
 from mt5backupd import runstate as state
 from mt5backupd.backup import spool
+from mt5backupd.daemon.walmetrics import WalCollector
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 P = "mt5backup"
-JOB_KINDS = {"database": "database", "repository": "repository", "verify": None}
+JOB_KINDS = {"database": "database", "repository": "repository", "verify": None,
+             "base": "base"}
 
 
 def _ts(iso: str | None) -> float:
@@ -213,11 +215,13 @@ class LegacyCollector(Collector):
 
 
 def make_registry(directory: Callable[[], Path], live: LiveState,
-                  legacy: Callable[[], bool] = lambda: False) -> CollectorRegistry:
-    """The daemon's /metrics; ``legacy`` is asked at each scrape, so a reload applies."""
+                  legacy: Callable[[], bool] = lambda: False,
+                  wal: Callable[[], bool] = lambda: False) -> CollectorRegistry:
+    """The daemon's /metrics; ``legacy`` and ``wal`` are asked at each scrape."""
     registry = CollectorRegistry()
     registry.register(DiskCollector(directory, live))
     registry.register(LegacyCollector(directory, legacy))
+    registry.register(WalCollector(directory, wal))
     return registry
 
 

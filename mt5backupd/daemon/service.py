@@ -40,6 +40,7 @@ from mt5backupd.daemon.schedule import (
 from mt5backupd.daemon.webhooks import WebhookNotifier
 from mt5backupd.errors import ConfigError, LockHeldError, Mt5BackupError
 from mt5backupd.sdnotify import SystemdNotifier
+from mt5backupd.wal.service import WalService
 from mt5backupd.webapp import start_site
 
 JobFn = Callable[[Config], Awaitable[JobOutcome]]
@@ -54,7 +55,8 @@ class Daemon:
         self.jobs = jobs  # job name -> coroutine running one job with a config
         self.live = LiveState()
         self.registry = make_registry(lambda: self.cfg.local.dir, self.live,
-                                      lambda: self.cfg.http.legacy_metrics)
+                                      lambda: self.cfg.http.legacy_metrics,
+                                      lambda: self.cfg.wal.enabled)
         self.systemd = SystemdNotifier()
         self.scheduler: AsyncIOScheduler | None = None
         self.runner: web.AppRunner | None = None
@@ -169,6 +171,8 @@ class Daemon:
         if job == "repository" and self.cfg.repository.path is None:
             return ""
         if job == "upload_pending" and not self.cfg.remote.url:
+            return ""
+        if job == "base" and not self.cfg.wal.enabled:
             return ""
         return str(getattr(sched, job, ""))
 
@@ -294,7 +298,7 @@ class Daemon:
             new = load_config(self.config_path, env_file=self.env_file,
                               schedule_checks=SCHEDULE_CHECKS)
             for expr in (new.schedule.database, new.schedule.repository, new.schedule.verify,
-                         new.schedule.upload_pending):
+                         new.schedule.upload_pending, new.schedule.base):
                 if expr:
                     make_trigger(expr, new.schedule.timezone)
         except Mt5BackupError as exc:
@@ -303,6 +307,9 @@ class Daemon:
         if (new.http.listen_host, new.http.listen_port) != (self.cfg.http.listen_host,
                                                            self.cfg.http.listen_port):
             logger.warning("[http] listen changed; that takes a restart to apply")
+        if new.wal != self.cfg.wal:
+            logger.warning("[wal] changed; that takes a restart to apply (pg_receivewal and the "
+                           "shipper keep their settings until then)")
         self.cfg = new
         self._install_jobs()
         logger.info("config reloaded from {}", self.config_path or "defaults")
@@ -319,6 +326,9 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         watchdog = asyncio.create_task(self._watchdog())
+        wal = WalService(self.cfg) if self.cfg.wal.enabled else None
+        if wal is not None:  # continuous, beside the scheduled jobs; a reload does not touch it
+            wal.start()
         for job in self._make_up_missed():
             self.scheduler.add_job(self._fire, args=[job], id=f"{job}-missed",
                                    misfire_grace_time=None)
@@ -337,6 +347,8 @@ class Daemon:
                     self._reload.clear()
                     self.reload()
         finally:
+            if wal is not None:
+                await wal.stop()
             await self._shutdown(watchdog)
 
     def _next_text(self, job: str) -> str:

@@ -22,6 +22,7 @@ from mt5backupd.errors import EXIT_CONFIG, EXIT_OK, EXIT_VERIFY, Mt5BackupError
 from mt5backupd.fsutil import free_bytes
 from mt5backupd.ops.checks_model import Check
 from mt5backupd.ops.keycheck import encryption_checks
+from mt5backupd.ops.walcheck import wal_checks
 
 __all__ = ["Check", "refused_files_report", "report", "run_checks"]
 
@@ -125,6 +126,7 @@ async def run_checks(cfg: Config) -> list[Check]:
     if cfg.remote.url:
         results += await _remote_checks(cfg)
     results += await encryption_checks(cfg)
+    results += await wal_checks(cfg)
     results.append(await _guard(
         "daemon", "start it: systemctl start mt5backupd (or mt5backupd run)",
         lambda: _daemon_probe(cfg)))

@@ -118,6 +118,11 @@ class PgCluster(PgServer):
         if user == SUPERUSER:
             self._admin_password = password
 
+    def grant_replication(self, user: str) -> None:
+        """Give ``user`` the REPLICATION attribute (pg_receivewal and pg_basebackup need it;
+        ``pg_hba.conf`` here admits replication connections already)."""
+        self._command(f"ALTER ROLE {quote_ident(user)} WITH REPLICATION")
+
     def require_password(self) -> None:
         """Make every connection (socket and TCP) authenticate with scram-sha-256.
 

@@ -64,6 +64,16 @@ _THROWAWAY_SETTINGS: dict[str, str] = {
     "log_min_messages": "warning",
 }
 
+# What point-in-time recovery tests need on top (PostgreSQL 10+ defaults to the first two, but a
+# test must not depend on a packager's defaults): WAL for a replica, senders and slots for
+# pg_receivewal and pg_basebackup, full page writes so recovery from a base backup is exact.
+REPLICATION_SETTINGS: dict[str, str] = {
+    "wal_level": "replica",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+    "full_page_writes": "on",
+    "wal_sender_timeout": "'60s'",
+}
 
 
 class PgServer:
@@ -82,20 +92,26 @@ class PgServer:
         port: int,
         socket_dir: Path,
         extra_dirs: tuple[Path, ...] = (),
+        settings: dict[str, str] | None = None,
     ) -> None:
         self._root = root
         self._bin_dir = bin_dir
         self._port = port
         self._socket_dir = socket_dir
         self._extra_dirs = extra_dirs
+        self._settings = dict(settings or {})
 
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
     def create(
-        cls, base_dir: Path | None = None, *, port: int | None = None, bin_dir: Path | None = None
+        cls, base_dir: Path | None = None, *, port: int | None = None, bin_dir: Path | None = None,
+        replication: bool = False,
     ) -> Self:
         """``initdb`` a new cluster in a fresh directory inside ``base_dir`` (not started yet).
+
+        ``replication=True`` configures it for streaming replication (``REPLICATION_SETTINGS``;
+        ``pg_hba.conf`` admits replication connections either way), as PITR needs.
 
         When we are root and the ``postgres`` account cannot reach ``base_dir`` (pytest's
         ``/tmp/pytest-of-root`` is 0700), the cluster goes into a fresh directory in the system
@@ -122,6 +138,7 @@ class PgServer:
                 port=port if port is not None else free_port(),
                 socket_dir=socket_dir,
                 extra_dirs=tuple(created[1:]),
+                settings=REPLICATION_SETTINGS if replication else None,
             )
             cluster._initdb()
         except BaseException:
@@ -129,6 +146,26 @@ class PgServer:
                 shutil.rmtree(path, ignore_errors=True)
             raise
         return cluster
+
+    @classmethod
+    def adopt(cls, root: Path, *, bin_dir: Path | None = None) -> Self:
+        """A server for a data directory made elsewhere (``root/data``: a restored base
+        backup), not started yet: its own free port and socket directory are appended to its
+        postgresql.conf (later lines win), and as root it is handed to the ``postgres`` account."""
+        bin_dir = bin_dir or find_bin_dir()
+        socket_dir = Path(tempfile.mkdtemp(prefix="mt5pgs-"))
+        socket_dir.chmod(0o755)
+        chown_to_server_user(socket_dir)
+        server = cls(root, bin_dir=bin_dir, port=free_port(), socket_dir=socket_dir,
+                     extra_dirs=(socket_dir,))
+        settings = {"port": str(server.port), "listen_addresses": "'127.0.0.1'",
+                    "unix_socket_directories": quote_literal(str(socket_dir))}
+        with (server.data_dir / "postgresql.conf").open("a", encoding="utf-8") as conf:
+            conf.write("\n# mt5backupd.testkit adopted cluster\n")
+            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+        for path in (root, *root.rglob("*")):
+            chown_to_server_user(path)
+        return server
 
     def _initdb(self) -> None:
         res = subprocess.run(
@@ -156,6 +193,7 @@ class PgServer:
             raise PgClusterError(f"initdb failed in {self.data_dir}: {res.stderr.strip()[-2000:]}")
         settings = {
             **_THROWAWAY_SETTINGS,
+            **self._settings,
             "listen_addresses": "'127.0.0.1'",
             "port": str(self._port),
             "unix_socket_directories": quote_literal(str(self._socket_dir)),

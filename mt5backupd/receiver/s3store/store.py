@@ -39,7 +39,7 @@ from mt5backupd.receiver.storage.errors import (
 )
 from mt5backupd.receiver.storage.publish import check_metadata, check_name_and_kind
 from mt5backupd.records import BackupRecord
-from mt5backupd.retention import Item, Policy, select_remove
+from mt5backupd.retention import Item, Policy, select_remove_by_kind
 
 LIST_CONCURRENCY = 16
 MAX_CACHED_RECORDS = 100_000
@@ -354,15 +354,16 @@ class S3Storage:
         for record in await self.list_backups(client):
             by_kind.setdefault(record.kind, []).append(record)
         result = Pruned()
-        for records in by_kind.values():
-            by_id = {r.id: r for r in records}
-            for backup_id in select_remove([Item(r.id, r.taken_dt) for r in records], policy):
-                if await self._locked_until(self.keys.data(client, backup_id)) is not None:
-                    result.locked.append(by_id[backup_id])
-                    continue
-                if not dry_run:
-                    await self.delete(client, backup_id)
-                result.removed.append(by_id[backup_id])
+        by_id = {r.id: r for records in by_kind.values() for r in records}
+        items = {kind: [Item(r.id, r.taken_dt) for r in records]
+                 for kind, records in by_kind.items()}
+        for backup_id in select_remove_by_kind(items, policy):  # WAL goes with base backups
+            if await self._locked_until(self.keys.data(client, backup_id)) is not None:
+                result.locked.append(by_id[backup_id])
+                continue
+            if not dry_run:
+                await self.delete(client, backup_id)
+            result.removed.append(by_id[backup_id])
         return result
 
     # ---- housekeeping and state ----

@@ -12,7 +12,7 @@ from mt5backupd.fsutil import fsync_dir
 from mt5backupd.receiver.storage.errors import NotFound
 from mt5backupd.receiver.storage.reading import Records
 from mt5backupd.records import BackupRecord
-from mt5backupd.retention import Item, Policy, select_remove
+from mt5backupd.retention import Item, Policy, select_remove_by_kind
 
 
 class Pruner:
@@ -51,11 +51,11 @@ class Pruner:
         for record in self.records.list_backups(client):
             by_kind.setdefault(record.kind, []).append(record)
         removed: list[BackupRecord] = []
-        for records in by_kind.values():
-            by_id = {r.id: r for r in records}
-            doomed = select_remove([Item(r.id, r.taken_dt) for r in records], policy)
-            for backup_id in doomed:
-                if not dry_run:
-                    self._delete(client, backup_id)
-                removed.append(by_id[backup_id])
+        by_id = {r.id: r for records in by_kind.values() for r in records}
+        items = {kind: [Item(r.id, r.taken_dt) for r in records]
+                 for kind, records in by_kind.items()}
+        for backup_id in select_remove_by_kind(items, policy):  # WAL goes with base backups
+            if not dry_run:
+                self._delete(client, backup_id)
+            removed.append(by_id[backup_id])
         return removed

@@ -1,0 +1,84 @@
+"""The ``mt5backup_wal_*`` families, read at each scrape from the WAL service's status file
+(``<local dir>/wal/status.json``, rewritten every ``max_lag_s`` / 2 by ``wal/service``).
+
+Always exported (zeros while WAL is off, ``mt5backup_wal_enabled`` says which), so dashboards
+and rules see the names on every host; the rules alert only where it is 1. A status file that
+stopped being rewritten (daemon dead or hung) counts as pg_receivewal down.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+P = "mt5backup_wal"
+STALE_FACTOR = 3.0  # the status is stale after this many max_lag_s without a rewrite
+MIN_STALE_S = 30.0
+
+
+def _ts(iso: object) -> float:
+    if not isinstance(iso, str) or not iso:
+        return 0.0
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def wal_values(status: dict[str, Any] | None, now: float) -> dict[str, float]:
+    """The gauges from a status (pure); all zero without one."""
+    if not status:
+        return {"receiver_up": 0.0, "last_received": 0.0, "last_shipped": 0.0, "lag": 0.0,
+                "slot_retained": 0.0, "pending": 0.0, "max_lag": 0.0}
+    stale_after = max(MIN_STALE_S, STALE_FACTOR * float(status.get("max_lag_s", 10.0)))
+    fresh = now - _ts(status.get("updated")) <= stale_after
+    received = float(status.get("last_received") or 0.0)
+    shipped = _ts(status.get("newest_uploaded_received_at"))
+    # WAL received but not yet on the receiver, in seconds of its arrival times; a receiver
+    # that holds all of it has no lag whatever the clock says
+    lag = max(0.0, received - shipped) if received else 0.0
+    return {"receiver_up": 1.0 if fresh and status.get("receiver_up") else 0.0,
+            "last_received": received, "last_shipped": shipped, "lag": lag,
+            "slot_retained": float(status.get("slot_retained_bytes") or 0.0),
+            "pending": float(status.get("pending") or 0.0),
+            "max_lag": float(status.get("max_lag_s") or 0.0)}
+
+
+class WalCollector(Collector):
+    def __init__(self, directory: Callable[[], Path], enabled: Callable[[], bool]) -> None:
+        self._directory = directory
+        self._enabled = enabled
+
+    def collect(self) -> Iterable[Metric]:
+        enabled = self._enabled()
+        status: dict[str, Any] | None = None
+        if enabled:
+            try:
+                status = json.loads((self._directory() / "wal" / "status.json").read_text())
+            except (OSError, ValueError):
+                status = None
+        v = wal_values(status, time.time())
+        yield GaugeMetricFamily(f"{P}_enabled", "1 when [wal] enabled (WAL streaming for PITR)",
+                                value=1.0 if enabled else 0.0)
+        yield GaugeMetricFamily(f"{P}_receiver_up", "1 while pg_receivewal runs under the daemon",
+                                value=v["receiver_up"])
+        yield GaugeMetricFamily(f"{P}_last_received_timestamp_seconds",
+                                "When pg_receivewal last wrote WAL locally",
+                                value=v["last_received"])
+        yield GaugeMetricFamily(f"{P}_last_shipped_timestamp_seconds",
+                                "Arrival time of the newest WAL the receiver holds",
+                                value=v["last_shipped"])
+        yield GaugeMetricFamily(f"{P}_lag_seconds",
+                                "WAL received locally but not on the receiver, in seconds",
+                                value=v["lag"])
+        yield GaugeMetricFamily(f"{P}_max_lag_seconds", "[wal] max_lag_s (for the lag alert)",
+                                value=v["max_lag"])
+        yield GaugeMetricFamily(f"{P}_slot_retained_bytes",
+                                "WAL the server keeps for the replication slot",
+                                value=v["slot_retained"])
+        yield GaugeMetricFamily(f"{P}_pending_objects",
+                                "WAL objects stored locally, upload pending", value=v["pending"])

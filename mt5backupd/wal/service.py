@@ -1,0 +1,105 @@
+"""The daemon's WAL side: pg_receivewal supervised, the shipper every ``max_lag_s`` / 2, and a
+status file (``<local dir>/wal/status.json``) that /metrics reads at scrape time.
+
+Receiving and shipping are separate tasks on purpose: a slow or absent receiver delays only the
+shipper, never pg_receivewal, which keeps writing the local directory (and the slot keeps the
+server's WAL for whatever is not received yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from mt5backupd.backup.database import connect_db
+from mt5backupd.backup.remote import receiver_client
+from mt5backupd.config import Config
+from mt5backupd.config.secretfiles import database_password
+from mt5backupd.fsutil import atomic_write_json
+from mt5backupd.wal.receivewal import ReceiveWal
+from mt5backupd.wal.shipper import WalShipper, received_dir, status_fields
+
+SLOT_QUERY_INTERVAL_S = 15.0
+
+
+def status_path(cfg: Config) -> Path:
+    return cfg.local.dir / "wal" / "status.json"
+
+
+def newest_received(directory: Path) -> float:
+    """When pg_receivewal last wrote WAL: the newest mtime in its directory (0: never)."""
+    with contextlib.suppress(FileNotFoundError):
+        return max((p.stat().st_mtime for p in directory.iterdir() if p.is_file()), default=0.0)
+    return 0.0
+
+
+async def slot_retained_bytes(cfg: Config) -> int | None:
+    """WAL the server keeps for our slot (current LSN - the slot's restart_lsn)."""
+    conn = await connect_db(cfg.database, database_password(cfg.database), cfg.database.dbname)
+    try:
+        value = await conn.fetchval(
+            "SELECT pg_current_wal_lsn() - restart_lsn FROM pg_replication_slots "
+            "WHERE slot_name = $1", cfg.wal.slot)
+    finally:
+        await conn.close()
+    return None if value is None else int(value)
+
+
+class WalService:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.receivewal = ReceiveWal(cfg, database_password(cfg.database), received_dir(cfg))
+        self.shipper = WalShipper(cfg, receiver_client(cfg))
+        self._tasks: list[asyncio.Task[None]] = []
+        self._slot_bytes: int | None = None
+        self._slot_checked = 0.0
+
+    def start(self) -> None:
+        logger.info("WAL streaming on: slot {}, shipping at least every {:g} s",
+                    self.cfg.wal.slot, self.cfg.wal.max_lag_s)
+        self._tasks = [asyncio.create_task(self.receivewal.run()),
+                       asyncio.create_task(self._ship_loop())]
+
+    async def _ship_loop(self) -> None:
+        interval_s = self.cfg.wal.max_lag_s / 2
+        while True:
+            t0 = time.monotonic()
+            fields: dict[str, Any] = {}
+            try:
+                fields = status_fields(await self.shipper.ship_round())
+            except Exception as exc:  # noqa: BLE001 - a failed round must not end shipping
+                logger.opt(exception=exc).error("WAL shipping round failed: {}", exc)
+            await self._write_status(fields)
+            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - t0)))
+
+    async def _write_status(self, fields: dict[str, Any]) -> None:
+        if time.monotonic() - self._slot_checked > SLOT_QUERY_INTERVAL_S:
+            self._slot_checked = time.monotonic()
+            try:
+                self._slot_bytes = await slot_retained_bytes(self.cfg)
+            except Exception as exc:  # noqa: BLE001 - server down: the metric goes stale
+                logger.debug("slot query failed: {}", exc)
+        status = {"updated": datetime.now(UTC).isoformat(),
+                  "receiver_up": self.receivewal.running,
+                  "receiver_restarts": self.receivewal.restarts,
+                  "last_received": newest_received(received_dir(self.cfg)),
+                  "slot_retained_bytes": self._slot_bytes,
+                  "max_lag_s": self.cfg.wal.max_lag_s,
+                  "remote_ok": self.shipper.receiver_ok, **fields}
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(atomic_write_json, status_path(self.cfg), status, mode=0o640)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.shipper.client is not None:
+            await self.shipper.client.close()
