@@ -26,10 +26,10 @@ class Expiry:
         self.partials = 0
         self._orphans: set[str] = set()  # multipart uploads no session owned at the last scan
 
-    async def run(self) -> int:
+    async def run(self, now: float | None = None) -> int:
         """Abort (on S3) and remove sessions idle past partial_ttl_s, abort multipart uploads
         no session owns (a one-shot upload cut short by a crash), refresh the usage figures."""
-        now = time.time()
+        now = time.time() if now is None else now
         removed = 0
         live_uploads: set[str] = set()
         partials = 0

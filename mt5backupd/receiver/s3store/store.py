@@ -374,8 +374,8 @@ class S3Storage:
     def partial_count(self) -> int:
         return self.expiry.partials
 
-    async def expire_partials(self) -> int:
-        return await self.expiry.run()
+    async def expire_partials(self, now: float | None = None) -> int:
+        return await self.expiry.run(now)
 
     async def health(self) -> dict[str, Any]:
         state = {"backend": self.name, "bucket": self.cfg.bucket,

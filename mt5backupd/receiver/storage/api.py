@@ -88,7 +88,9 @@ class StorageBackend(Protocol):
 
     def partial_count(self) -> int: ...
 
-    async def expire_partials(self) -> int: ...
+    async def expire_partials(self, now: float | None = None) -> int:
+        """Remove sessions idle past partial_ttl_s at ``now`` (default: the clock); how many."""
+        ...
 
     async def health(self) -> dict[str, Any]: ...
 
@@ -186,8 +188,8 @@ class FilesystemBackend:
     def partial_count(self) -> int:
         return self.storage.partial_count()
 
-    async def expire_partials(self) -> int:
-        return self.storage.expire_partials()
+    async def expire_partials(self, now: float | None = None) -> int:
+        return self.storage.expire_partials(now)
 
     async def health(self) -> dict[str, Any]:
         _used, free = await asyncio.to_thread(self.storage.usage)
