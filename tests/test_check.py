@@ -69,3 +69,21 @@ async def test_check_names_each_failure(backup_setup: BackupSetup, tmp_path: Pat
     assert run.returncode == 6
     assert "[FAIL] daemon" in run.stdout
     assert "fix:" in run.stdout
+
+
+async def test_check_backup_names_and_textfile(backup_setup: BackupSetup, tmp_path: Path) -> None:
+    """A dbname whose backup ids the receiver would refuse, and a [metrics] textfile in a
+    directory that cannot take a file, each fail their own line; good ones pass."""
+    base = backup_setup
+    good = {r.name: r for r in await run_checks(base.with_(
+        metrics={"textfile": tmp_path / "backup_metrics.prom"}))}
+    assert good["backup names"].ok
+    assert good["metrics textfile"].ok
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    bad = failed(await run_checks(base.with_(
+        database={"dbname": "trading db"},
+        metrics={"textfile": blocker / "backup_metrics.prom"})))
+    assert "[database] dbname 'trading db'" in bad["backup names"]
+    assert str(blocker) in bad["metrics textfile"]

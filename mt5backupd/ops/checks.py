@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from mt5backupd.backup import spool
-from mt5backupd.backup.database import connect_db, db_preflight
+from mt5backupd.backup.database import check_database_names, connect_db, db_preflight
 from mt5backupd.backup.dump import check_dump_compatible, tool_version
 from mt5backupd.backup.remote import receiver_client
 from mt5backupd.config import Config, FileProblem
@@ -124,13 +124,40 @@ async def run_checks(cfg: Config) -> list[Check]:
         "backups", dir_probe))
 
     if cfg.remote.url:
+        results.append(await _guard(
+            "backup names", "choose a [database] dbname of letters, digits and . _ + - (the "
+            "receiver's id rules), or take local-only backups", lambda: _names_probe(cfg)))
         results += await _remote_checks(cfg)
+    if cfg.metrics.textfile is not None:
+        results.append(await _guard(
+            "metrics textfile", f"create {cfg.metrics.textfile.parent} writable by this user "
+            "(and readable by node_exporter)", lambda: _textfile_probe(cfg)))
     results += await encryption_checks(cfg)
     results += await wal_checks(cfg)
     results.append(await _guard(
         "daemon", "start it: systemctl start mt5backupd (or mt5backupd run)",
         lambda: _daemon_probe(cfg)))
     return results
+
+
+async def _names_probe(cfg: Config) -> str:
+    check_database_names(cfg.database)  # a ConfigError names [database] dbname
+    return f"ids like {spool.backup_stem(cfg.database.dbname, datetime.now().astimezone())}" \
+        f"{cfg.database.compression.suffix} are valid on the receiver"
+
+
+async def _textfile_probe(cfg: Config) -> str:
+    """The directory the textfile is replaced in must take a new file (the temp file); the
+    textfile itself is written after each run, so its absence here is fine."""
+    path = cfg.metrics.textfile
+    assert path is not None
+    probe = path.parent / f".check-{secrets.token_hex(4)}.tmp"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise Mt5BackupError(f"{path.parent}: cannot write there ({exc.strerror})") from None
+    return f"{path.parent} writable; {path.name} is replaced after every run"
 
 
 async def _remote_checks(cfg: Config) -> list[Check]:
