@@ -90,3 +90,13 @@ def test_a_gap_is_reported_not_papered_over() -> None:
     assert [w.segment for w in wal_chain(SEG[0], SEG[0], holed, at(5))] == [SEG[0]]
     with pytest.raises(PitrRefused, match=f"the base needs WAL up to {SEG[2]}"):
         wal_chain(SEG[0], SEG[2], holed, at(45))
+
+
+def test_a_segment_shipped_only_in_part_before_newer_wal_is_a_gap() -> None:
+    """A snapshot of segment N whose whole copy is missing, with N+1 onwards shipped: a restore
+    to the end is refused (not cut short at the old snapshot); a target inside it still works."""
+    partly = [w for w in CHAIN if w.segment != SEG[1]] + [wal(SEG[1], 15, upto=100)]
+    with pytest.raises(PitrRefused, match=f"segment {SEG[1]} was shipped only in part, "
+                                          "but newer WAL"):
+        wal_chain(SEG[0], SEG[0], partly, None)
+    assert [w.segment for w in wal_chain(SEG[0], SEG[0], partly, at(12))] == SEG[:2]

@@ -194,14 +194,21 @@ class _FdWriter:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self.written = 0
+        # our own write failure (a full disk behind --jobs' file), kept because pyrage hands
+        # it back as a bare OSError that would otherwise read as failed authentication
+        self.error: OSError | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self.error = exc
+            raise
         self.written += len(data)
         return len(data)
 
@@ -272,6 +279,8 @@ def decrypt_to_fd(path: Path, write_fd: int,
         except (BrokenPipeError, zstandard.ZstdError):
             raise
         except OSError as exc:
+            if out.error is not None:  # the output failed (disk full, a closed pipe): say that
+                raise out.error from None
             # pyrage reports a failed chunk authentication as OSError("decryption error")
             raise DecryptionFailedError(
                 f"{path.name}: age authentication failed after {out.written} plain bytes "

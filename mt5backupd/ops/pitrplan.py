@@ -122,8 +122,11 @@ def wal_chain(start_segment: str, end_segment: str, wal: Sequence[WalRef],
     if target is not None and last_time < target:
         raise PitrRefused(f"the WAL chain has a gap: segment {segment} is missing; from this "
                           f"base the target can be at most {_fmt(last_time)} UTC")
-    if target is None and chain[-1].upto is None and newest > reached:
-        raise PitrRefused(f"the WAL chain has a gap: segment {segment} is missing, but newer "
+    if target is None and newest > reached:
+        # also when the chain ends at a snapshot: a partly shipped segment with newer WAL
+        # after it is a gap, never "the end of the shipped WAL"
+        what = "was shipped only in part" if chain[-1].upto is not None else "is missing"
+        raise PitrRefused(f"the WAL chain has a gap: segment {segment} {what}, but newer "
                           f"WAL exists (up to {newest}); restore with --to-time at most "
                           f"{_fmt(last_time)} UTC, or find the missing segment")
     return chain

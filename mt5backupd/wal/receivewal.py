@@ -104,8 +104,9 @@ class ReceiveWal:
 
     async def _run_once(self, env: dict[str, str]) -> int:
         await asyncio.to_thread(repair_partials, self.directory)
-        create = await self._spawn(receivewal_argv(self.cfg, self.directory, create_slot=True),
-                                   env)
+        # kept in _proc too, so stop() (a cancel, SIGTERM) ends it as well
+        create = self._proc = await self._spawn(
+            receivewal_argv(self.cfg, self.directory, create_slot=True), env)
         await self._log_stderr(create)
         if await create.wait() != 0:
             return create.returncode or 1
@@ -133,6 +134,8 @@ class ReceiveWal:
                         code = await self._run_once(env)
                 except FileNotFoundError:
                     code, self.last_error = 127, f"{self.cfg.wal.pg_receivewal!r} not found"
+                except Exception as exc:  # noqa: BLE001 - a supervisor that dies stops WAL for good
+                    code, self.last_error = 1, f"{exc.__class__.__name__}: {exc}"
                 if time.monotonic() - started > STABLE_RUN_S:
                     attempt = 0
                 delay = backoff_delays(attempt + 1, FIRST_DELAY_S,

@@ -176,53 +176,63 @@ class WalShipper:
         """Ship every finished segment not shipped yet (in order), then a snapshot of the
         growing segment if it holds more WAL than the last snapshot; tidy the raw directory."""
         self.shipped.mkdir(parents=True, exist_ok=True, mode=0o750)
-        if spool.clean_partials(self.shipped):
+        # directory scans and the manifests (thousands with days of WAL) are read in a thread:
+        # this runs every max_lag_s/2 on the loop that also serves /metrics and the watchdog
+        if await asyncio.to_thread(spool.clean_partials, self.shipped):
             logger.warning("removed leftovers of an interrupted WAL shipment")
         remote_ok = await self._remote_ready()
-        index = ShippedIndex.load(self.shipped)
-        finished = sorted(p for p in self.received.iterdir() if SEGMENT_RE.fullmatch(p.name)) \
-            if self.received.is_dir() else []
+        index = await asyncio.to_thread(ShippedIndex.load, self.shipped)
+        finished = await asyncio.to_thread(self._finished_segments)
         floor = pruned_below(self.shipped)
+        in_order = True
         for path in finished:
             if path.name in index.full or segment_number(path.name)[1] < floor:
                 continue
-            remote_ok = await self._ship_file(path, path.name, None, remote_ok)
+            in_order, remote_ok = await self._ship_file(path, path.name, None, remote_ok)
+            if not in_order:  # never ship N+1 past a failed N: the next round retries N first
+                break
         partials = sorted(p for p in self.received.glob(f"*{PARTIAL_SUFFIX}")
                           if SEGMENT_RE.fullmatch(p.name[:-len(PARTIAL_SUFFIX)])) \
             if self.received.is_dir() else []
-        if partials:
+        if partials and in_order:
             path = partials[-1]
             segment = path.name[:-len(PARTIAL_SUFFIX)]
             if segment not in index.full:
-                remote_ok = await self._ship_file(path, segment, index.upto.get(segment, 0),
-                                                  remote_ok)
-        index = ShippedIndex.load(self.shipped)
-        self._tidy(index, finished)
+                _done, remote_ok = await self._ship_file(path, segment,
+                                                         index.upto.get(segment, 0), remote_ok)
+        index = await asyncio.to_thread(ShippedIndex.load, self.shipped)
+        await asyncio.to_thread(self._tidy, index, finished)
         return index
 
+    def _finished_segments(self) -> list[Path]:
+        if not self.received.is_dir():
+            return []
+        return sorted(p for p in self.received.iterdir() if SEGMENT_RE.fullmatch(p.name))
+
     async def _ship_file(self, path: Path, segment: str, shipped_upto: int | None,
-                         remote_ok: bool) -> bool:
+                         remote_ok: bool) -> tuple[bool, bool]:
         """Ship ``path`` (a snapshot when ``shipped_upto`` is given and the file holds more than
-        it). Returns whether the receiver still takes uploads."""
+        it). Returns (stored locally or nothing to do, whether the receiver still takes
+        uploads)."""
         try:
             # a finished segment holds what was received by its last write; a snapshot what
             # was received by the time it was read (mtime is coarse: it can lag a commit)
             received_at = path.stat().st_mtime if shipped_upto is None else time.time()
             data = await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:  # renamed (partial -> finished) under us: the next round
-            return remote_ok
+            return True, remote_ok
         upto = None
         if shipped_upto is not None:
             upto = data_end(data)
             if upto <= shipped_upto:
-                return remote_ok
+                return True, remote_ok
         result = await ship(self.shipping_cfg, self.client if remote_ok else None,
                             wal_spec(segment, data, upto, received_at))
         if not result.ok:
             self.last_round_ok = False
             logger.error("shipping WAL {} failed: {}", segment, result.error)
-            return remote_ok
-        return remote_ok and result.upload_state != "pending"
+            return False, remote_ok
+        return True, remote_ok and result.upload_state != "pending"
 
     def _tidy(self, index: ShippedIndex, finished: list[Path]) -> None:
         """Snapshots of a segment shipped whole are obsolete locally; raw finished segments
@@ -287,6 +297,18 @@ def prune_shipped(cfg: Config) -> list[str]:
     if not numbers:
         return []
     oldest, directory, removed = min(numbers), shipped_dir(cfg), []
+    # Never past WAL not shipped yet (shipping behind, receiver away): the receiver may keep
+    # older base backups that need it, and below the floor it would be neither shipped nor kept.
+    # (Below the previous floor a raw file is the newest one pg_receivewal resumes from, its
+    # object already shipped and pruned: not "unshipped".)
+    shipped = ShippedIndex.load(directory).full if directory.is_dir() else set()
+    previous_floor = pruned_below(directory) if directory.is_dir() else 0
+    raw = received_dir(cfg)
+    if raw.is_dir():
+        unshipped = [number for p in raw.iterdir()
+                     if SEGMENT_RE.fullmatch(p.name) and p.name not in shipped
+                     and (number := segment_number(p.name)[1]) >= previous_floor]
+        oldest = min([oldest, *unshipped])
     # first the floor, so a shipping round cannot re-ship a raw segment pruned below it
     directory.mkdir(parents=True, exist_ok=True, mode=0o750)
     atomic_write_bytes(directory / PRUNED_BELOW_FILE, f"{oldest}\n".encode(), mode=0o640)

@@ -13,7 +13,7 @@ from loguru import logger
 from mt5backupd.receiver.s3store.conn import Bucket, list_pages
 from mt5backupd.receiver.s3store.keys import DATA_NAME
 from mt5backupd.receiver.s3store.sessions import Sessions
-from mt5backupd.receiver.storage.errors import Conflict, InvalidId, StoreUnavailable
+from mt5backupd.receiver.storage.errors import Conflict, InvalidId, NotFound, StoreUnavailable
 
 
 class Expiry:
@@ -42,7 +42,7 @@ class Expiry:
                 client, uid = parts[0], parts[1]
                 try:
                     st = await self.sessions.load(client, uid)
-                except (Conflict, InvalidId):
+                except (Conflict, InvalidId, NotFound):  # corrupt, foreign or just removed
                     continue
                 idle_s = now - obj["LastModified"].timestamp()
                 if idle_s > self.partial_ttl_s and not self.sessions.lock(client, uid).locked():
