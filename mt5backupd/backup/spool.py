@@ -243,6 +243,8 @@ def load_manifests(directory: Path, kind: str | None = None) -> list[Manifest]:
             continue
         try:
             manifest = Manifest.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            continue  # removed since the listing (rotation or WAL pruning in another task)
         except (ValueError, TypeError, KeyError):
             continue  # not one of ours
         if kind is None or manifest.kind == kind:
