@@ -1,10 +1,10 @@
 """WAL segment names, LSNs and the object names WAL is shipped under (pure, no I/O).
 
-A segment file is named ``TTTTTTTTXXXXXXXXYYYYYYYY`` (timeline, then the segment number split in
-"log" and "seg" halves of 2^32 bytes each). A finished segment is shipped as
-``<segment>.wal.zst``; a snapshot of the growing one as ``<segment>-p<bytes>.wal.zst``, where
-``bytes`` is how far the WAL in it reaches: receiver ids are append-only, so each snapshot needs
-a name of its own, and the offset orders them.
+A segment file is named by 24 hex digits: 8 for the timeline, then the segment number split in
+a "log" and a "seg" half of 8 digits each (the log half counts 2^32 bytes of WAL). A finished
+segment is shipped as ``<segment>.wal.zst``; a snapshot of the growing one as
+``<segment>-p<bytes>.wal.zst``, where ``bytes`` is how far the WAL in it reaches: receiver ids
+are append-only, so each snapshot needs a name of its own, and the offset orders them.
 """
 
 from __future__ import annotations

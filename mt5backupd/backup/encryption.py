@@ -362,9 +362,9 @@ def plain_reader(path: Path,
 
     def feed() -> None:
         try:
-            decrypt_to_fd(path, write_fd, identities)
-        except BrokenPipeError:
-            pass  # the reader stopped early; it says why
+            # a reader that stops early closes the pipe (BrokenPipeError): it says why itself
+            with contextlib.suppress(BrokenPipeError):
+                decrypt_to_fd(path, write_fd, identities)
         except BaseException as exc:  # noqa: BLE001 - raised in the reader's thread
             errors.append(exc)
         finally:

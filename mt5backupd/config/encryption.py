@@ -51,30 +51,28 @@ def check_recipients(values: Iterable[str], where: str) -> tuple[str, ...]:
 def read_recipients_file(path: Path, where: str) -> tuple[str, ...]:
     """The recipients of ``path`` (``age -R`` format). Whoever can write it decides who can read
     every new backup, so a group/world-writable file is refused like a config file."""
-    problem = file_mode_problem(path, where, secret=False)
+    text = _read_key_file(path, where, secret=False)
+    return check_recipients(key_lines(text), f"{where} {path}")
+
+
+def _read_key_file(path: Path, where: str, *, secret: bool) -> str:
+    """The text of a recipients or identity file, after its mode check; errors name the file
+    and the key at fault, never the content."""
+    problem = file_mode_problem(path, where, secret=secret)
     if problem:
         raise ConfigError(problem.message)
     try:
-        text = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{where} {path}: file not found") from None
     except (PermissionError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{where} {path}: not readable ({exc.__class__.__name__})") from None
-    return check_recipients(key_lines(text), f"{where} {path}")
 
 
 def read_identity_file(path: Path, what: str) -> list[x25519.Identity]:
     """The X25519 identities in ``path`` (an ``age-keygen`` file), which must be 0600 (no group
     or world bits). Errors name the file, never a key."""
-    problem = file_mode_problem(path, what, secret=True)
-    if problem:
-        raise ConfigError(problem.message)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: file not found") from None
-    except (PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{what} {path}: not readable ({exc.__class__.__name__})") from None
+    text = _read_key_file(path, what, secret=True)
     identities = []
     for number, line in enumerate(key_lines(text), 1):
         register_secret(line)  # never in a log line, whatever happens next
