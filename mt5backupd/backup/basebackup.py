@@ -30,7 +30,7 @@ from mt5backupd.backup.shipspec import ProduceStats, ShipSpec, check_generated_n
 from mt5backupd.backup.tarwatch import TarWatcher
 from mt5backupd.config import Config, Secret
 from mt5backupd.errors import ConfigError, Mt5BackupError
-from mt5backupd.walnames import parse_lsn, segment_name
+from mt5backupd.walnames import format_lsn, parse_lsn, segment_name
 
 KIND = "base"
 PREFIX = "base"
@@ -56,8 +56,7 @@ def wal_range(manifest_bytes: bytes, segment_bytes: int) -> dict[str, Any]:
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise Mt5BackupError(f"pg_basebackup's backup_manifest has no usable WAL-Ranges: "
                              f"{exc}") from None
-    return {"timeline": timeline, "start_lsn": f"{start >> 32:X}/{start & 0xFFFFFFFF:X}",
-            "end_lsn": f"{end >> 32:X}/{end & 0xFFFFFFFF:X}",
+    return {"timeline": timeline, "start_lsn": format_lsn(start), "end_lsn": format_lsn(end),
             "start_segment": segment_name(int(first["Timeline"]), start, segment_bytes),
             "end_segment": segment_name(timeline, end, segment_bytes),
             "segment_bytes": segment_bytes}

@@ -214,10 +214,12 @@ async def run_dump(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd,
             stderr=asyncio.subprocess.PIPE, env=dict(env), start_new_session=True,
         )
-    except FileNotFoundError:
+    except OSError as exc:
         os.close(read_fd)
         section = "[database]" if tool == "pg_dump" else "[wal]"
-        raise ConfigError(f"{section} {tool}: {argv[0]!r} not found") from None
+        why = "not found" if isinstance(exc, FileNotFoundError) else \
+            f"cannot be run ({exc.strerror or exc})"
+        raise ConfigError(f"{section} {tool}: {argv[0]!r} {why}") from None
     finally:
         os.close(write_fd)  # only pg_dump holds the write end now: its exit is our EOF
     tail: collections.deque[str] = collections.deque(maxlen=20)

@@ -343,13 +343,18 @@ def write_identity_file(path: Path, identity: str, recipient: str, created: str)
     text = f"# created: {created}\n# public key: {recipient}\n{identity}\n"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        view = memoryview(text.encode())
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            view = memoryview(text.encode())
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        # a half-written key (disk full) would block the retry ("never overwrites") for nothing
+        path.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

@@ -53,11 +53,13 @@ async def run_pg_restore(
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=dict(env) if env is not None else child_env(),
         )
-    except FileNotFoundError:
+    except OSError as exc:
         for fd in (read_fd, write_fd):
             if fd >= 0:
                 os.close(fd)
-        raise ConfigError(f"[database] pg_restore: {pg_restore!r} not found") from None
+        why = "not found" if isinstance(exc, FileNotFoundError) else \
+            f"cannot be run ({exc.strerror or exc})"
+        raise ConfigError(f"[database] pg_restore: {pg_restore!r} {why}") from None
     feeder: asyncio.Future[int] | None = None
     if streamed:
         os.close(read_fd)

@@ -207,9 +207,16 @@ def publish(spooled: SpoolFile, final: Path, manifest: Manifest, directory: Path
     """File, then sidecar, then manifest (from which point the backup exists). If any step
     fails (a full disk, typically) whatever was published is removed again."""
     try:
-        spooled.publish(final)
+        try:
+            spooled.publish(final)
+        except FileExistsError:
+            # the name is another backup's: leave that one alone, only ours goes
+            spooled.discard()
+            raise
         write_sidecar(final, manifest.sha256)
         save_manifest(directory, manifest)
+    except FileExistsError:
+        raise
     except OSError as exc:
         remove_backup(directory, manifest)
         spooled.discard()
