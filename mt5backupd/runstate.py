@@ -19,7 +19,7 @@ from mt5backupd.fsutil import atomic_write_json
 
 STATE_FILE = ".mt5backupd-state.json"
 STATE_LOCK = ".mt5backupd-state.lock"
-JOBS = ("database", "repository", "verify")
+JOBS = ("database", "repository", "verify", "base")
 # skipped: a test restore that could not run here (an encrypted backup, no identity)
 RESULTS = ("success", "pending", "failure", "skipped")
 

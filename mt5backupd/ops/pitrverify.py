@@ -75,9 +75,9 @@ async def verify_pitr(cfg: Config, identity_files: Sequence[Path] = ()) -> Verif
     t0 = time.monotonic()
     parent = Path(tempfile.gettempdir()) if os.geteuid() == 0 else cfg.local.dir
     parent.mkdir(parents=True, exist_ok=True)
+    pg_ctl = _pg_ctl(cfg)  # before the scratch dir: a missing pg_ctl leaves nothing behind
     scratch = Path(tempfile.mkdtemp(prefix="mt5backupd-pitr-verify-", dir=parent))
     data, sock, log = scratch / "data", scratch / "sock", scratch / "server.log"
-    pg_ctl = _pg_ctl(cfg)
     outcome = VerifyOutcome(id="", passed=False, checked_at=datetime.now(UTC).isoformat())
     started = False
     try:
@@ -91,10 +91,10 @@ async def verify_pitr(cfg: Config, identity_files: Sequence[Path] = ()) -> Verif
         # the socket directory is private (0700): trust on it lets only us in
         (data / "pg_hba.conf").write_text("local all all trust\n", encoding="utf-8")
         _hand_over(scratch)
+        started = True  # from here a stop is due, even if this task is cancelled mid-start
         res = await asyncio.to_thread(subprocess.run, _as_server(
             [pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "120", "start"]),
             capture_output=True, text=True, check=False)
-        started = True
         if res.returncode != 0:
             raise Mt5BackupError(f"scratch PostgreSQL did not start: {_log_tail(log)}")
         outcome.tables, replay = await _until_promoted(cfg, sock, port)

@@ -53,6 +53,9 @@ async def _expire_loop(app: web.Application) -> AsyncIterator[None]:
                     logger.info("expired {} idle partial uploads", removed)
             except (OSError, StorageError) as exc:
                 logger.warning("partial upload expiry failed: {}", exc)
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad round
+                logger.error("partial upload expiry failed ({}): {}", exc.__class__.__name__,
+                             exc)
             await asyncio.sleep(interval_s)
 
     task = asyncio.create_task(loop())

@@ -4,10 +4,12 @@ usage figures (/metrics) refreshed."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 from typing import Any
 
+from botocore.exceptions import ClientError
 from loguru import logger
 
 from mt5backupd.receiver.s3store.conn import Bucket, list_pages
@@ -58,9 +60,11 @@ class Expiry:
             if upload_id in live_uploads:
                 continue
             if self._orphan_expired(str(upload["Key"]), upload_id, upload.get("Initiated"), now):
-                await self.bucket.call("abort_multipart", "abort_multipart_upload",
-                                       Key=upload["Key"], UploadId=upload_id,
-                                       expect=("NoSuchUpload",))
+                # another replica may have aborted it first (NoSuchUpload): gone either way
+                with contextlib.suppress(ClientError):
+                    await self.bucket.call("abort_multipart", "abort_multipart_upload",
+                                           Key=upload["Key"], UploadId=upload_id,
+                                           expect=("NoSuchUpload",))
                 removed += 1
             else:
                 orphans.add(upload_id)
