@@ -1,3 +1,3 @@
-from mt5backupd.cli import main
+from mt5backupd.cli import entry
 
-raise SystemExit(main())
+entry()

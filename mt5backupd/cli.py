@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from loguru import logger
 
@@ -167,17 +169,50 @@ def _print_result(result: BackupResult, as_json: bool) -> None:
 
 def _cmd_run_now(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log, "backup", verbose=args.verbose)
-    from mt5backupd.daemon.jobs import run_base_now, run_database, run_repository_now
-
-    if args.job == "base":
-        result = asyncio.run(run_base_now(config))
-    elif args.job == "repository":
-        result = asyncio.run(run_repository_now(config))
+    if args.job == "database":
+        result = asyncio.run(_database_now(config, sys.stderr.isatty() and not args.json))
     else:
-        result = asyncio.run(run_database(config,
-                                          show_progress=sys.stderr.isatty() and not args.json))
+        from mt5backupd.daemon.jobs import run_base_now, run_repository_now
+
+        result = asyncio.run(run_base_now(config) if args.job == "base"
+                             else run_repository_now(config))
     _print_result(result, args.json)
+    global _exit_fast
+    _exit_fast = True
     return result.exit_code
+
+
+_exit_fast = False  # set once a --run-now is over: nothing is left to run at interpreter exit
+
+
+def entry() -> NoReturn:
+    """The console script. After ``--run-now`` the process ends without the interpreter's
+    teardown of every imported module (~60-90 ms of the run's wall time): by then every file
+    is closed, every child reaped and every log line written (the sinks are closed here)."""
+    code = main()
+    if _exit_fast:
+        logger.remove()  # closes and flushes every sink
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+async def _database_now(config: Config, show_progress: bool) -> BackupResult:
+    """pg_dump first, then the imports of the run (HTTP and database clients, ~0.2 s), which
+    overlap its catalog phase; a failure to begin is raised inside the recorded run."""
+    from mt5backupd.backup.runstart import RunStart
+
+    start = RunStart(config)
+    with contextlib.suppress(Exception):  # kept in start.error, raised by the run below
+        await start.begin()
+    try:
+        from mt5backupd.daemon.jobs import run_database
+
+        return await run_database(config, show_progress=show_progress, start=start)
+    finally:
+        await start.close()
 
 
 def _cmd_list(args: argparse.Namespace, config: Config) -> int:

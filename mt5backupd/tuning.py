@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import sys
 
 # glibc mallopt parameters (malloc.h)
@@ -24,11 +23,10 @@ SWITCH_INTERVAL_S = 0.001
 def tune_process() -> None:
     """Best effort: a libc without mallopt (musl) simply keeps its defaults."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(name)
+        # the symbols already loaded into this process, libc's among them: find_library
+        # would run `ldconfig -p`, a subprocess on every start (~15 ms of --run-now)
+        libc = ctypes.CDLL(None)
         # Buffers up to 32 MiB come from the heap and freed heap memory is kept (up to
         # 256 MiB) for reuse instead of being returned and faulted in again.
         libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)

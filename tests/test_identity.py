@@ -12,9 +12,9 @@ import pytest
 
 from mt5backupd import runstate as state
 from mt5backupd.backup import spool
-from mt5backupd.backup.database import check_database_names
 from mt5backupd.backup.pending import pending_command
 from mt5backupd.backup.run import run_backup
+from mt5backupd.backup.runstart import check_database_names
 from mt5backupd.backup.upload_state import UploadState
 from mt5backupd.config import RepositoryConfig, parse_compression
 from mt5backupd.daemon.jobs import run_database, run_repository_now

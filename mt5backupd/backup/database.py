@@ -22,6 +22,7 @@ from pyrage import x25519
 
 from mt5backupd.backup import compress, customformat, spool
 from mt5backupd.backup.dump import (
+    SpawnedDump,
     check_dump_compatible,
     pg_child_env,
     pg_dump_argv,
@@ -30,7 +31,8 @@ from mt5backupd.backup.dump import (
 )
 from mt5backupd.backup.pgrestore import list_archive
 from mt5backupd.backup.rowcounts import count_rows, exact_counts, table_estimates
-from mt5backupd.backup.shipspec import ProduceStats, ShipSpec, check_generated_names
+from mt5backupd.backup.runstart import RunStart
+from mt5backupd.backup.shipspec import ProduceStats, ShipSpec
 from mt5backupd.backup.toolcache import cached_tool_version
 from mt5backupd.config import Config, DatabaseConfig, Secret
 from mt5backupd.errors import ConfigError, Mt5BackupError
@@ -78,11 +80,6 @@ async def db_preflight(cfg: DatabaseConfig, password: Secret | None) -> ServerIn
     return ServerInfo(version.split()[0], server_major(num), tables)
 
 
-def check_database_names(db: DatabaseConfig) -> None:
-    """The backup ids made from [database] dbname must be ids the receiver accepts."""
-    check_generated_names(db.dbname, db.compression.suffix, "[database] dbname")
-
-
 def counts_from_stream(db: DatabaseConfig, dump_major: int) -> bool:
     """Whether this run's row counts can be read from the dump stream: pg_dump writes
     uncompressed custom format (we compress after it) in an archive version the parser knows."""
@@ -99,20 +96,23 @@ async def _first_error(*aws: Any) -> list[Any]:
     return list(results)
 
 
-async def database_spec(cfg: Config, password: Secret | None) -> ShipSpec:
+async def database_spec(cfg: Config, start: RunStart) -> ShipSpec:
     """Preflight of the database side (connection and tool versions at once), then the spec
-    of its dump."""
-    db = cfg.database
+    of its dump (which pumps the pg_dump ``start`` began, when it did)."""
+    db, password = cfg.database, start.password
     server, (dump_major, dump_version), _restore = await _first_error(
         db_preflight(db, password),
         cached_tool_version(db.pg_dump, "pg_dump", cfg.local.dir),
         cached_tool_version(db.pg_restore, "pg_restore", cfg.local.dir))
     check_dump_compatible(dump_major, server.major, db.pg_dump)
     from_stream = counts_from_stream(db, dump_major)
+    if not from_stream:  # a pg_dump newer than the parser: never two dumps at once
+        await start.drop_dump()
 
     async def produce(spooled: compress.Writable) -> ProduceStats:
         if from_stream:
-            return await _produce_counting_stream(db, password, spooled, server.tables)
+            return await _produce_counting_stream(db, password, spooled, server.tables,
+                                                  start.take_dump(pg_dump_argv(db)))
         return await _produce_in_snapshot(db, password, spooled)
 
     async def verify(path: Path, identities: Sequence[x25519.Identity]) -> None:
@@ -124,12 +124,13 @@ async def database_spec(cfg: Config, password: Secret | None) -> ShipSpec:
         describe=db.dbname,
         manifest_fields={"database": db.dbname, "pg_dump_version": dump_version,
                          "server_version": server.version},
+        began=start.began,
     )
 
 
 async def _produce_counting_stream(db: DatabaseConfig, password: Secret | None,
-                                   spooled: compress.Writable,
-                                   tables: dict[str, int]) -> ProduceStats:
+                                   spooled: compress.Writable, tables: dict[str, int],
+                                   spawned: SpawnedDump | None) -> ProduceStats:
     """pg_dump with its own snapshot; the pump counts every table's rows as the bytes pass."""
     parser = customformat.ArchiveParser()
 
@@ -141,7 +142,7 @@ async def _produce_counting_stream(db: DatabaseConfig, password: Secret | None,
     try:
         with pg_child_env(db, password) as env:
             stats = await run_dump(pg_dump_argv(db), env, pump,
-                                   stall_timeout_s=db.stall_timeout_s)
+                                   stall_timeout_s=db.stall_timeout_s, spawned=spawned)
         counts = parser.finish()
     except customformat.FramingError as exc:
         raise Mt5BackupError(f"pg_dump's output is not a complete custom-format archive, "

@@ -185,28 +185,30 @@ async def _stop_group(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
-async def run_dump(
-    argv: list[str],
-    env: Mapping[str, str],
-    pump: Callable[[int, Callable[[int], None]], int],
-    *,
-    stall_timeout_s: float,
-    stats: DumpStats | None = None,
-    tool: str = "pg_dump",
-) -> DumpStats:
-    """Run pg_dump with stdout into ``pump(read_fd, on_read)`` (called in a worker thread).
+@dataclass
+class SpawnedDump:
+    """A started pg_dump (or pg_basebackup) whose stdout waits in a pipe until ``run_dump``
+    pumps it: a run can start the tool first and finish its own preparations meanwhile."""
 
-    Raises DumpFailed on a non-zero exit, a signal or a stall; re-raises whatever the pump
-    raised (disk full, ...) after stopping pg_dump. Either way pg_dump is gone on return.
-    """
-    stats = stats or DumpStats()
-    loop = asyncio.get_running_loop()
-    started = time.monotonic()
-    last_activity = [started]
+    argv: list[str]
+    proc: asyncio.subprocess.Process
+    read_fd: int
+    started: float  # time.monotonic() of the spawn
 
-    def on_read(_n: int) -> None:
-        last_activity[0] = time.monotonic()
+    async def stop(self) -> None:
+        """Stop a dump that will not be pumped (its run failed before): the tool is gone and
+        the pipe closed on return."""
+        try:
+            await _stop_group(self.proc)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self.read_fd)
 
+
+async def spawn_dump(argv: list[str], env: Mapping[str, str], *,
+                     tool: str = "pg_dump") -> SpawnedDump:
+    """Start the tool with stdout into a fresh pipe (1 MiB, so it writes ahead of the pump)
+    in its own process group; a binary that cannot be run is a ConfigError naming its key."""
     read_fd, write_fd = os.pipe()
     _set_pipe_size(write_fd)
     try:
@@ -221,7 +223,37 @@ async def run_dump(
             f"cannot be run ({exc.strerror or exc})"
         raise ConfigError(f"{section} {tool}: {argv[0]!r} {why}") from None
     finally:
-        os.close(write_fd)  # only pg_dump holds the write end now: its exit is our EOF
+        os.close(write_fd)  # only the tool holds the write end now: its exit is our EOF
+    return SpawnedDump(list(argv), proc, read_fd, time.monotonic())
+
+
+async def run_dump(
+    argv: list[str],
+    env: Mapping[str, str],
+    pump: Callable[[int, Callable[[int], None]], int],
+    *,
+    stall_timeout_s: float,
+    stats: DumpStats | None = None,
+    tool: str = "pg_dump",
+    spawned: SpawnedDump | None = None,
+) -> DumpStats:
+    """Run pg_dump with stdout into ``pump(read_fd, on_read)`` (called in a worker thread),
+    or pump one started earlier (``spawned``, with the same argv and env).
+
+    Raises DumpFailed on a non-zero exit, a signal or a stall; re-raises whatever the pump
+    raised (disk full, ...) after stopping pg_dump. Either way pg_dump is gone on return.
+    """
+    stats = stats or DumpStats()
+    loop = asyncio.get_running_loop()
+    if spawned is None:
+        spawned = await spawn_dump(argv, env, tool=tool)
+    proc, read_fd, started = spawned.proc, spawned.read_fd, spawned.started
+    # a dump started early waits in its full pipe until now: that is not a stall
+    last_activity = [time.monotonic()]
+
+    def on_read(_n: int) -> None:
+        last_activity[0] = time.monotonic()
+
     tail: collections.deque[str] = collections.deque(maxlen=20)
 
     async def drain_stderr() -> None:

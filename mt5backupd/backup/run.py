@@ -28,7 +28,7 @@ from mt5backupd import runstate as state
 from mt5backupd.backup import spool
 from mt5backupd.backup.basebackup import base_spec
 from mt5backupd.backup.compress import Writable
-from mt5backupd.backup.database import check_database_names, database_spec
+from mt5backupd.backup.database import database_spec
 from mt5backupd.backup.encryption import (
     AGE_FORMAT,
     AGE_SUFFIX,
@@ -52,6 +52,7 @@ from mt5backupd.backup.remote import (
 from mt5backupd.backup.repository import repository_spec
 from mt5backupd.backup.result import BackupResult, RunObserver
 from mt5backupd.backup.runlock import RunLock
+from mt5backupd.backup.runstart import RunStart
 from mt5backupd.backup.shipspec import ProduceStats, ShipSpec
 from mt5backupd.backup.upload import (
     GrowingSource,
@@ -63,7 +64,7 @@ from mt5backupd.backup.upload import (
 )
 from mt5backupd.backup.upload_state import UploadState
 from mt5backupd.config import Config
-from mt5backupd.config.secretfiles import check_pgpass, database_password
+from mt5backupd.config.secretfiles import database_password
 from mt5backupd.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -79,19 +80,15 @@ PROGRESS_LINE_INTERVAL_S = 0.5
 
 
 async def run_backup(cfg: Config, observer: RunObserver | None = None, *,
-                     show_progress: bool = False) -> BackupResult:
+                     show_progress: bool = False, start: RunStart | None = None) -> BackupResult:
     """Take one database backup. Raises Mt5BackupError for failures before any dump (config,
-    lock, preflight); failures after that are reported in the result and cleaned up."""
-    if cfg.remote.url:  # local files may carry any name; the receiver holds ids to its rules
-        check_database_names(cfg.database)
-    directory = cfg.local.dir
-    directory.mkdir(parents=True, exist_ok=True, mode=0o750)
-    with RunLock(directory):
-        password = database_password(cfg.database)
-        with contextlib.suppress(RuntimeError):  # no home directory: no ~/.pgpass to check
-            check_pgpass()
+    lock, preflight); failures after that are reported in the result and cleaned up.
+
+    ``start``: the run's lock and pg_dump, begun before this call (``--run-now`` begins it
+    before its heavy imports); this call ends it. Without one it begins here."""
+    async with start or RunStart(cfg) as opened:
         return await _run_locked(cfg, observer or RunObserver(), show_progress,
-                                 lambda: database_spec(cfg, password))
+                                 lambda: database_spec(cfg, opened))
 
 
 async def run_repository(cfg: Config, observer: RunObserver | None = None) -> BackupResult:
@@ -251,8 +248,7 @@ async def _start(cfg: Config, client: ReceiverClient | None, spec: ShipSpec,
                  observer: RunObserver, show_progress: bool) -> _Run:
     """Name the backup, open its spool file and start the upload that follows it."""
     directory = cfg.local.dir
-    started = datetime.now(UTC)
-    t0 = time.monotonic()
+    started, t0 = spec.began or (datetime.now(UTC), time.monotonic())
     encryption = cfg.encryption
     suffix = spec.suffix + (AGE_SUFFIX if encryption.enabled else "")
     backup = spec.name + suffix if spec.name else spool.unique_backup_name(

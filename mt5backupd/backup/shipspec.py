@@ -42,6 +42,9 @@ class ShipSpec:
     # A fixed id stem instead of ``prefix-<time>`` (WAL objects are named by their segment);
     # keep = 0 then means no rotation by count (WAL is pruned with the base backups).
     name: str | None = None
+    # when the run began, if before its spec (pg_dump started ahead of the preflight): the
+    # backup's time and the run's duration then count from there, not from the spool file
+    began: tuple[datetime, float] | None = None  # (wall clock, time.monotonic())
 
 
 # the longest name a run can generate from a prefix: a stem with a same-second counter

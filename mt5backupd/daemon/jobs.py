@@ -20,6 +20,7 @@ from mt5backupd import runstate as state
 from mt5backupd.backup.pending import pending_command
 from mt5backupd.backup.result import BackupResult
 from mt5backupd.backup.run import run_backup, run_base, run_repository
+from mt5backupd.backup.runstart import RunStart
 from mt5backupd.config import Config
 from mt5backupd.daemon import textfile
 from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError
@@ -72,9 +73,11 @@ async def _run_and_record(cfg: Config, job: str,
     return result
 
 
-async def run_database(cfg: Config, *, show_progress: bool = False) -> BackupResult:
-    return await _run_and_record(cfg, "database",
-                                 lambda: run_backup(cfg, show_progress=show_progress))
+async def run_database(cfg: Config, *, show_progress: bool = False,
+                       start: RunStart | None = None) -> BackupResult:
+    """A database backup, recorded; ``start`` as for ``run_backup``."""
+    return await _run_and_record(
+        cfg, "database", lambda: run_backup(cfg, show_progress=show_progress, start=start))
 
 
 async def database_job(cfg: Config) -> JobOutcome:

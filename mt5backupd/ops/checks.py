@@ -13,9 +13,10 @@ from typing import Any
 import aiohttp
 
 from mt5backupd.backup import spool
-from mt5backupd.backup.database import check_database_names, connect_db, db_preflight
+from mt5backupd.backup.database import connect_db, db_preflight
 from mt5backupd.backup.dump import check_dump_compatible, tool_version
 from mt5backupd.backup.remote import receiver_client
+from mt5backupd.backup.runstart import check_database_names
 from mt5backupd.config import Config, FileProblem
 from mt5backupd.config.secretfiles import check_pgpass, database_password, remote_token
 from mt5backupd.errors import EXIT_CONFIG, EXIT_OK, EXIT_VERIFY, Mt5BackupError

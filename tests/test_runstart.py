@@ -1,0 +1,130 @@
+"""pg_dump started before the preflight (backup/runstart): used when the run goes on, stopped
+when it does not, never started where it would wait or where another dump is wanted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mt5backupd.backup import spool
+from mt5backupd.backup.run import run_backup
+from mt5backupd.backup.runlock import RunLock
+from mt5backupd.backup.runstart import RunStart, dump_may_start_early
+from mt5backupd.backup.upload_state import UploadState
+from mt5backupd.config import parse_compression
+from mt5backupd.errors import LockHeldError, Mt5BackupError
+from tests.backup_fixtures import BackupSetup, config_toml, write_token
+from tests.pg_fixtures import process_gone
+
+
+def recording_pg_dump(tmp_path: Path, real: str) -> tuple[Path, Path]:
+    """A pg_dump that records its pid (one line per dump, not per --version probe), then
+    becomes the real one."""
+    log = tmp_path / "pg_dump.pids"
+    wrapper = tmp_path / "pg_dump"
+    wrapper.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] || echo $$ >> '{log}'\n"
+                       f"exec '{real}' \"$@\"\n")
+    wrapper.chmod(0o755)
+    return wrapper, log
+
+
+def started_pids(log: Path) -> list[int]:
+    """pids of the pg_dump runs that dump."""
+    if not log.exists():
+        return []
+    return [int(line) for line in log.read_text().split()]
+
+
+def pending_manifest(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    spool.save_manifest(directory, spool.Manifest(
+        id="db-20261101-030000.dump.zst", file="db-20261101-030000.dump.zst",
+        kind=spool.KIND_DATABASE, database="db", size=1, sha256="0" * 64, compression="zstd:1",
+        started="2026-11-01T03:00:00+00:00", finished="2026-11-01T03:00:01+00:00",
+        duration_s=1.0, dump_duration_s=1.0, raw_bytes=1, upload=UploadState.pending()))
+
+
+@pytest.mark.parametrize(("compression", "remote", "pending", "early"), [
+    ("zstd:1", True, False, True),
+    ("none", True, False, True),
+    ("gzip:6", True, False, False),  # pg_dump waits for the exported snapshot's name
+    ("zstd:1", True, True, False),  # the pending upload goes first: pg_dump would wait
+    ("zstd:1", False, True, True),  # no receiver: nothing goes before the dump
+])
+def test_when_pg_dump_starts_early(backup_setup: BackupSetup, tmp_path: Path, compression: str,
+                                   remote: bool, pending: bool, early: bool) -> None:
+    """Early only where the run pumps that very pg_dump at once after its preflight."""
+    cfg = backup_setup.with_(database={"compression": parse_compression(compression)},
+                             local={"dir": tmp_path / "spool"})
+    if not remote:
+        cfg = backup_setup.with_(database={"compression": parse_compression(compression)},
+                                 local={"dir": tmp_path / "spool"}, remote={"url": ""})
+    if pending:
+        pending_manifest(cfg.local.dir)
+    assert dump_may_start_early(cfg) is early
+
+
+async def test_early_pg_dump_is_the_one_pumped(backup_setup: BackupSetup,
+                                               tmp_path: Path) -> None:
+    """One pg_dump per run: the one begun before the preflight is the backup's."""
+    wrapper, log = recording_pg_dump(tmp_path, backup_setup.cfg.database.pg_dump)
+    cfg = backup_setup.with_(database={"pg_dump": str(wrapper)})
+    start = RunStart(cfg)
+    await start.begin()
+    assert len(started_pids(log)) == 1  # before any preflight step ran
+    result = await run_backup(cfg, start=start)
+    assert result.ok, result.error
+    assert len(started_pids(log)) == 1
+    manifest = spool.load_manifests(cfg.local.dir)[0]
+    assert manifest.extra["row_counts_source"] == "stream"
+    # the backup's time and duration count from the start of pg_dump, not after the preflight
+    assert manifest.dump_duration_s <= manifest.duration_s
+
+
+async def test_preflight_failure_stops_the_early_pg_dump(backup_setup: BackupSetup,
+                                                         tmp_path: Path) -> None:
+    """A receiver refusing the token fails the run after pg_dump began: it is stopped, its
+    passfile removed, the lock released, and nothing is left in the backup directory."""
+    wrapper, log = recording_pg_dump(tmp_path, backup_setup.cfg.database.pg_dump)
+    bad_token = write_token(tmp_path / "bad-token", "not-a-token-the-receiver-knows")
+    cfg = backup_setup.with_(database={"pg_dump": str(wrapper)},
+                             remote={"token_file": bad_token})
+    with pytest.raises(Mt5BackupError):
+        await run_backup(cfg)
+    (pid,) = started_pids(log)
+    assert process_gone(pid)
+    assert [p.name for p in cfg.local.dir.iterdir() if not p.name.startswith(".")] == []
+    RunLock(cfg.local.dir).acquire()  # released: a second run could take it
+
+
+async def test_no_pg_dump_while_another_run_holds_the_lock(backup_setup: BackupSetup,
+                                                           tmp_path: Path) -> None:
+    """A run refused by the lock never starts pg_dump."""
+    wrapper, log = recording_pg_dump(tmp_path, backup_setup.cfg.database.pg_dump)
+    cfg = backup_setup.with_(database={"pg_dump": str(wrapper)})
+    with RunLock(cfg.local.dir), pytest.raises(LockHeldError):
+        await run_backup(cfg)
+    assert started_pids(log) == []
+
+
+def test_run_now_failing_to_begin_is_recorded(backup_setup: BackupSetup, tmp_path: Path) -> None:
+    """`--run-now` begins before its imports; a failure there is still the run's recorded
+    failure (exit 4, one line naming the key, a failed run in the state /health reads)."""
+    config = tmp_path / "config.toml"
+    config.write_text(config_toml(backup_setup).replace(
+        f'dbname = "{backup_setup.dbname}"', 'dbname = "no/slashes"'))
+    config.chmod(0o600)
+    proc = subprocess.run([sys.executable, "-m", "mt5backupd", "--config", str(config),
+                           "--run-now"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "NO_COLOR": "1"}, check=False)
+    assert proc.returncode == 4, proc.stderr
+    assert "[database] dbname" in proc.stderr
+    state = json.loads((backup_setup.cfg.local.dir / ".mt5backupd-state.json").read_text())
+    last = state["jobs"]["database"]["last_run"]
+    assert last["result"] == "failure"
+    assert "[database] dbname" in last["error"]
