@@ -293,6 +293,9 @@ async def _publish(run: _Run, stats: ProduceStats) -> spool.Manifest:
     manifest. Cancelled after the publication happened, the backup is kept, upload pending."""
     loop = asyncio.get_running_loop()
     spooled, previous = run.spooled, run.previous
+    # every byte is written: the upload sends its last ones and ends its PATCH meanwhile (the
+    # commit still waits for the checks below)
+    run.source.close(spooled.size)
     # the read-back check reads from the page cache; it need not wait for the flush (but
     # both must be over before the file is discarded or published)
     outcomes = await asyncio.gather(loop.run_in_executor(None, spooled.sync),
@@ -301,7 +304,6 @@ async def _publish(run: _Run, stats: ProduceStats) -> spool.Manifest:
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
-    run.source.close(spooled.size)
     manifest = dataclasses.replace(
         run.draft, size=spooled.size, sha256=spooled.sha256,
         finished=datetime.now(UTC).isoformat(), duration_s=round(time.monotonic() - run.t0, 3),

@@ -22,7 +22,6 @@ from mt5backupd.backup.result import BackupResult
 from mt5backupd.backup.run import run_backup, run_base, run_repository
 from mt5backupd.backup.runstart import RunStart
 from mt5backupd.config import Config
-from mt5backupd.daemon import textfile
 from mt5backupd.errors import EXIT_OK, LockHeldError, Mt5BackupError
 from mt5backupd.wal.shipper import prune_shipped, rotate_bases
 
@@ -33,6 +32,9 @@ if TYPE_CHECKING:  # `--run-now` never verifies: it does not import the restore 
 async def export_textfile(cfg: Config) -> None:
     """Rewrite the textfile (if configured) off the event loop; never raises."""
     if cfg.metrics.textfile is not None:
+        # imported here: prometheus_client is ~20 ms of every --run-now that has no textfile
+        from mt5backupd.daemon import textfile
+
         await asyncio.to_thread(textfile.update, cfg)
 
 
