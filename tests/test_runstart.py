@@ -18,6 +18,7 @@ from mt5backupd.backup.runstart import RunStart, dump_may_start_early
 from mt5backupd.backup.upload_state import UploadState
 from mt5backupd.config import parse_compression
 from mt5backupd.errors import LockHeldError, Mt5BackupError
+from mt5backupd.testkit.dbcontent import table_row_counts
 from tests.backup_fixtures import BackupSetup, config_toml, write_token
 from tests.pg_fixtures import process_gone
 
@@ -82,6 +83,10 @@ async def test_early_pg_dump_is_the_one_pumped(backup_setup: BackupSetup,
     assert len(started_pids(log)) == 1
     manifest = spool.load_manifests(cfg.local.dir)[0]
     assert manifest.extra["row_counts_source"] == "stream"
+    # its first bytes went through the drain's scratch file: counts still equal the source's
+    source = await table_row_counts(backup_setup.pg.dsn(backup_setup.dbname))
+    assert {k.removeprefix("public."): v["rows"]
+            for k, v in manifest.extra["row_counts"].items()} == source
     # the backup's time and duration count from the start of pg_dump, not after the preflight
     assert manifest.dump_duration_s <= manifest.duration_s
 

@@ -81,12 +81,12 @@ async def base_spec(cfg: Config, password: Secret | None) -> ShipSpec:
     async def produce(sink: compress.Writable) -> ProduceStats:
         watcher = TarWatcher((MANIFEST_MEMBER,))
 
-        def pump(read_fd: int, on_read: Callable[[int], None]) -> int:
+        def pump(source: compress.ReadSource, on_read: Callable[[int], None]) -> int:
             raw = 0
             cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
             with cctx.stream_writer(cast("IO[bytes]", sink), write_size=compress.READ_BYTES,
                                     closefd=False) as writer:
-                for batch in compress.read_batches(read_fd, on_read):
+                for batch in compress.read_batches(source, on_read):
                     raw += len(batch)
                     watcher.feed(batch)
                     writer.write(batch)

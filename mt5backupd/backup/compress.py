@@ -6,6 +6,7 @@ with worker threads keeps up with pg_dump -Z0 on two cores at a similar size.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,17 +27,22 @@ class Writable(Protocol):
     def write(self, data: bytes | bytearray, /) -> int: ...
 
 
-def read_batches(read_fd: int, on_read: Callable[[int], None] | None = None,
+# where a pump reads: a pipe's fd, or read(n) (a pipe's early bytes, drained to a file first)
+ReadSource = int | Callable[[int], bytes]
+
+
+def read_batches(source: ReadSource, on_read: Callable[[int], None] | None = None,
                  batch_bytes: int = BATCH_BYTES) -> Iterator[bytearray]:
     """Blocking: the pipe's bytes in batches of ``batch_bytes`` (the last may be shorter).
 
     A pipe read returns whatever is there, which for pg_dump is ~10 KiB at a time even with a
     1 MiB pipe; batching cuts the downstream calls (zstd, hash, write, upload wake-ups) ~20x.
     """
+    read = source if callable(source) else functools.partial(os.read, source)
     while True:
         batch = bytearray()
         while len(batch) < batch_bytes:
-            chunk = os.read(read_fd, batch_bytes - len(batch))
+            chunk = read(batch_bytes - len(batch))
             if not chunk:
                 if batch:
                     yield batch
@@ -48,14 +54,14 @@ def read_batches(read_fd: int, on_read: Callable[[int], None] | None = None,
 
 
 def pump(
-    read_fd: int,
+    source: ReadSource,
     sink: Writable,
     compression: Compression,
     threads: int,
     on_read: Callable[[int], None] | None = None,
     inspect: Callable[[bytearray], None] | None = None,
 ) -> int:
-    """Blocking (run it in a thread): read ``read_fd`` to EOF, compress per ``compression``
+    """Blocking (run it in a thread): read ``source`` to EOF, compress per ``compression``
     (zstd only: gzip is pg_dump's own -Z), write to ``sink``. Returns the raw bytes read.
     ``inspect`` sees every raw batch first (the archive parser that counts rows)."""
     raw = 0
@@ -67,13 +73,13 @@ def pump(
         # The stream writer only ever calls sink.write(); it needs no other file method.
         target = cast("IO[bytes]", sink)
         with cctx.stream_writer(target, write_size=READ_BYTES, closefd=False) as writer:
-            for batch in read_batches(read_fd, on_read):
+            for batch in read_batches(source, on_read):
                 raw += len(batch)
                 if inspect is not None:
                     inspect(batch)
                 writer.write(batch)
         return raw
-    for batch in read_batches(read_fd, on_read):
+    for batch in read_batches(source, on_read):
         raw += len(batch)
         if inspect is not None:
             inspect(batch)

@@ -134,9 +134,9 @@ async def _produce_counting_stream(db: DatabaseConfig, password: Secret | None,
     """pg_dump with its own snapshot; the pump counts every table's rows as the bytes pass."""
     parser = customformat.ArchiveParser()
 
-    def pump(read_fd: int, on_read: Callable[[int], None]) -> int:
+    def pump(source: compress.ReadSource, on_read: Callable[[int], None]) -> int:
         customformat.preload()  # while pg_dump reads the catalogs, before its first byte
-        return compress.pump(read_fd, spooled, db.compression, db.compression_threads,
+        return compress.pump(source, spooled, db.compression, db.compression_threads,
                              on_read, inspect=parser.feed)
 
     try:
@@ -159,8 +159,8 @@ async def _produce_in_snapshot(db: DatabaseConfig, password: Secret | None,
                                spooled: compress.Writable) -> ProduceStats:
     """pg_dump compresses (gzip:N), so its stream holds no readable rows: counts and dump
     share one exported snapshot; the exporting transaction stays open until pg_dump is done."""
-    def pump(read_fd: int, on_read: Callable[[int], None]) -> int:
-        return compress.pump(read_fd, spooled, db.compression, db.compression_threads, on_read)
+    def pump(source: compress.ReadSource, on_read: Callable[[int], None]) -> int:
+        return compress.pump(source, spooled, db.compression, db.compression_threads, on_read)
 
     conn = await connect_db(db, password, db.dbname)
     transaction = conn.transaction(isolation="repeatable_read", readonly=True)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from loguru import logger
 
+from mt5backupd.backup.compress import ReadSource
+from mt5backupd.backup.drain import EarlyDrain
 from mt5backupd.config import DatabaseConfig, Secret
 from mt5backupd.errors import ConfigError, Mt5BackupError
 
@@ -194,13 +196,20 @@ class SpawnedDump:
     proc: asyncio.subprocess.Process
     read_fd: int
     started: float  # time.monotonic() of the spawn
+    drain: EarlyDrain | None = None  # what it writes before the pump, kept in a scratch file
+
+    def start_draining(self, directory: Path) -> None:
+        """Keep pg_dump writing until the pump takes over (backup/drain)."""
+        self.drain = EarlyDrain(self.read_fd, directory)
 
     async def stop(self) -> None:
         """Stop a dump that will not be pumped (its run failed before): the tool is gone and
         the pipe closed on return."""
         try:
-            await _stop_group(self.proc)
+            await _stop_group(self.proc)  # EOF (or a closed pipe) ends a drain's read too
         finally:
+            if self.drain is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.drain.close)
             with contextlib.suppress(OSError):
                 os.close(self.read_fd)
 
@@ -230,14 +239,14 @@ async def spawn_dump(argv: list[str], env: Mapping[str, str], *,
 async def run_dump(
     argv: list[str],
     env: Mapping[str, str],
-    pump: Callable[[int, Callable[[int], None]], int],
+    pump: Callable[[ReadSource, Callable[[int], None]], int],
     *,
     stall_timeout_s: float,
     stats: DumpStats | None = None,
     tool: str = "pg_dump",
     spawned: SpawnedDump | None = None,
 ) -> DumpStats:
-    """Run pg_dump with stdout into ``pump(read_fd, on_read)`` (called in a worker thread),
+    """Run pg_dump with stdout into ``pump(source, on_read)`` (called in a worker thread),
     or pump one started earlier (``spawned``, with the same argv and env).
 
     Raises DumpFailed on a non-zero exit, a signal or a stall; re-raises whatever the pump
@@ -248,6 +257,11 @@ async def run_dump(
     if spawned is None:
         spawned = await spawn_dump(argv, env, tool=tool)
     proc, read_fd, started = spawned.proc, spawned.read_fd, spawned.started
+    source: ReadSource = read_fd
+    if spawned.drain is not None:  # its early bytes wait in a scratch file: those first
+        source = await loop.run_in_executor(None, spawned.drain.stop)
+        logger.debug("pumping {} {:.3f} s after it started, {} bytes drained meanwhile", tool,
+                     time.monotonic() - started, spawned.drain.drained_bytes)
     # a dump started early waits in its full pipe until now: that is not a stall
     last_activity = [time.monotonic()]
 
@@ -280,7 +294,7 @@ async def run_dump(
 
     stderr_task = asyncio.create_task(drain_stderr())
     watch_task = asyncio.create_task(watchdog())
-    pump_future = loop.run_in_executor(None, pump, read_fd, on_read)
+    pump_future = loop.run_in_executor(None, pump, source, on_read)
     try:
         try:
             stats.raw_bytes = await asyncio.shield(pump_future)

@@ -87,6 +87,7 @@ class RunStart:
             if dump_may_start_early(cfg):
                 env = self._env.enter_context(pg_child_env(cfg.database, self.password))
                 self._dump = await spawn_dump(pg_dump_argv(cfg.database), env)
+                self._dump.start_draining(cfg.local.dir)
                 # the row counter's numpy (~0.1 s of imports) while the preflight runs, not
                 # when pg_dump's bytes already wait in the pipe
                 threading.Thread(target=customformat.preload, name="preload",
