@@ -607,6 +607,27 @@ class Bench:
                           [self.pg_bin("pg_dump"), "-Fc", f"-Z{level}", "-d", db],
                           env=self.pg_env(db))
 
+    def verify_default(self, compression: str) -> dict[str, Any]:
+        """One more (untimed) default `--run-now`, kept, then `mt5backupd verify` of it: the
+        test restore compares every table's rows with the counts the run read off the stream."""
+        keep = self.args.keep_dir
+        self.args.keep_dir = True
+        try:
+            self._run_now(compression, MAIN_DB, None)
+        finally:
+            self.args.keep_dir = keep
+        config = self.work / f"run-{self.seq}" / "config.toml"
+        proc = subprocess.run([sys.executable, "-m", "mt5backupd", "verify", "--json",
+                               "--config", str(config)], env=self.env, capture_output=True,
+                              text=True, check=False)
+        try:
+            outcome: dict[str, Any] = json.loads(proc.stdout)
+        except ValueError:
+            outcome = {"result": f"no JSON (exit {proc.returncode}): {proc.stderr[-500:]}"}
+        if not keep:
+            shutil.rmtree(config.parent / "spool", ignore_errors=True)
+        return outcome
+
     def run_now(self, compression: str, db: str = MAIN_DB,
                 threads: int | None = None) -> RunNow:
         return self.measure(lambda: self._run_now(compression, db, threads), lambda r: r.timed)
@@ -797,6 +818,7 @@ class Report:
     gzip6_runs: list[RunNow] = field(default_factory=list)
     small_run: RunNow | None = None
     table: dict[str, RunNow] = field(default_factory=dict)
+    verify: dict[str, Any] = field(default_factory=dict)  # `mt5backupd verify --json`
     shell: Timed | None = None
     skipped: list[str] = field(default_factory=list)
 
@@ -892,6 +914,11 @@ class Report:
         r_med = ratio(med_ours, med_a)
         out.append(f"  medians: --run-now {med_ours:.2f} s / A {med_a:.2f} s = {r_med:.3f} "
                    f"({verdict(r_med <= TARGET_DEFAULT_RATIO)} <= {TARGET_DEFAULT_RATIO})")
+
+        if self.verify:
+            out.append(f"  verify (test restore, rows vs the stream's counts): "
+                       f"{self.verify.get('result')}, {self.verify.get('tables', '?')} tables, "
+                       f"restore {self.verify.get('restore_duration_s', '?')} s")
 
         if self.legacy is not None:
             lg = self.legacy
@@ -998,6 +1025,14 @@ class Report:
                    f"({verdict(r_def <= TARGET_DEFAULT_RATIO)}) | {ours.size / MB:.0f} |")
         out.append(f"| ... its manifest `dump_duration_s` | {ours.dump_duration_s:.1f} | "
                    f"{ratio(ours.dump_duration_s, a):.2f} x A | | |")
+        med_a = statistics.median(t.wall_s for t in self.baseline)
+        med_ours = statistics.median(r.wall_s for r in self.default_runs)
+        out.append(f"| ... medians: `--run-now` / A | {med_ours:.2f} / {med_a:.2f} | "
+                   f"{ratio(med_ours, med_a):.2f} | | |")
+        if self.verify:
+            out.append(f"| `mt5backupd verify` of a default backup (restore, rows vs counts) | "
+                       f"{self.verify.get('restore_duration_s', '?')} | | "
+                       f"{self.verify.get('result')} | |")
         if self.legacy is not None:
             lg = self.legacy
             speed = ratio(lg.total_s, ours.wall_s)
@@ -1120,6 +1155,10 @@ def run(b: Bench, report: Report) -> None:
         say(f"{r.wall_s:.2f} s ({ratio(r.wall_s, report.a_s):.2f} x A), dump_duration_s "
             f"{r.dump_duration_s:.2f}, {fmt_mb(r.size)}  {r.timed.cpu.line()}")
     report.table[report.default] = report.ours()
+    say = step(f"2b. verify (test restore) of a {report.default} backup of {MAIN_DB}")
+    report.verify = b.verify_default(report.default)
+    say(f"{report.verify.get('result')}: {report.verify.get('tables', '?')} tables, restore "
+        f"{report.verify.get('restore_duration_s', '?')} s")
 
     say = step("3. legacy flow: pg_dump -Z9 -f, sha256sum, curl -F")
     report.legacy = legacy_flow(b)
