@@ -612,11 +612,11 @@ class Bench:
         test restore compares every table's rows with the counts the run read off the stream."""
         keep = self.args.keep_dir
         self.args.keep_dir = True
+        config = self.work / f"run-{self.seq + 1}" / "config.toml"  # the run's own directory
         try:
             self._run_now(compression, MAIN_DB, None)
         finally:
             self.args.keep_dir = keep
-        config = self.work / f"run-{self.seq}" / "config.toml"
         proc = subprocess.run([sys.executable, "-m", "mt5backupd", "verify", "--json",
                                "--config", str(config)], env=self.env, capture_output=True,
                               text=True, check=False)
