@@ -5,8 +5,10 @@ the same bytes to the same endpoint, and the receiver's peak RSS with 8 concurre
 
 The endpoint is moto's server (``python -m moto.server``) in its own process on loopback, the
 only S3 every machine here has; it is far slower than a real store, so the ratio, not the
-absolute rate, is the figure. Both sides upload parts one at a time (the receiver holds at most
-one part per upload in memory, so it cannot have two in flight).
+absolute rate, is the figure. Both sides upload parts one at a time; the receiver reads the
+next part from its client (into its scratch file) while one is on its way. CPU seconds per run
+of each process show where the two cores go. The peak RSS is the receiver's own (VmHWM, reset
+before the 8 uploads); its scratch files are in the page cache, not in its RSS.
 Targets: ratio >= 0.8; peak RSS < 8 x part size + 100 MB.
 """
 

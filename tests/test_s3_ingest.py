@@ -23,6 +23,7 @@ from mt5backupd.errors import ConfigError
 from mt5backupd.receiver.auth import TokenStore
 from mt5backupd.receiver.bodies import READ_BUFSIZE
 from mt5backupd.receiver.metrics import ReceiverMetrics
+from mt5backupd.receiver.s3store.hashstate import ResumableSha256
 from mt5backupd.receiver.server import RunningReceiver, start_receiver
 from mt5backupd.testkit.receiverproc import ReceiverProcess
 from tests.diskfaults import small_tmpfs
@@ -44,9 +45,14 @@ async def chunked(data: bytes, size: int = MiB) -> AsyncIterator[bytes]:
 
 
 def durable_parts(moto: MotoS3, bucket: str, uid: str) -> list[int]:
-    """Part sizes in the session's state.json, read from the store itself (not the receiver)."""
+    """Part sizes in the session's state.json, read from the store itself (not the receiver),
+    after checking that its hash state covers exactly those parts (not bytes received since)."""
     body = moto.client().get_object(Bucket=bucket, Key=f"sessions/alice/{uid}/state.json")
-    return [size for _n, _etag, size in json.loads(body["Body"].read())["parts"]]
+    state = json.loads(body["Body"].read())
+    sizes = [size for _n, _etag, size in state["parts"]]
+    ResumableSha256.from_state(bytes.fromhex(state["hash_state"]), sum(sizes))
+    assert [n for n, _etag, _size in state["parts"]] == list(range(1, len(sizes) + 1))
+    return sizes
 
 
 async def create(http: aiohttp.ClientSession, base: str, name: str) -> str:

@@ -8,11 +8,12 @@ Only when both slots are busy (the store is slower than the client) does the han
 reading (TCP backpressure), so per upload the scratch disk holds at most two parts and memory a
 batch or two of chunks, whatever the part size.
 
-Order and durability: parts are uploaded one at a time, in order, and ``on_part(hash_state)``
-(the session saves its state there) runs after a part is acknowledged and before the next
-part's upload starts. The hash state handed over is the snapshot taken when that part's slot was
-sealed, so a saved state never covers bytes past the saved parts, and part N+1's state is never
-saved before part N's: the durable offset only ever counts acknowledged parts.
+Order and durability: parts are uploaded one at a time, in order. Once part N is acknowledged
+its slot is free and part N+1's upload may start, while ``on_part(parts, hash_state)`` (the
+session saves its state there) runs for part N: the parts list and the hash state handed over
+are snapshots as of part N's end, so a saved state never covers bytes past the saved parts. The
+saves are chained (at most one in flight), so part N+1's state is never saved before part N's:
+the durable offset only ever counts acknowledged parts.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class PartWriter:
                  hasher: ResumableSha256, limit: int, offset: int,
                  on_bytes: Callable[[int], None], parts: list[Part] | None = None,
                  scratch_dir: Path | None = None, content_md5: bool = False,
-                 on_part: Callable[[bytes], Awaitable[None]] | None = None) -> None:
+                 on_part: Callable[[list[Part], bytes], Awaitable[None]] | None = None
+                 ) -> None:
         self.bucket = bucket
         self.key = key
         self.upload_id = upload_id
@@ -78,7 +80,7 @@ class PartWriter:
         self.limit = limit
         self.offset = offset
         self.on_bytes = on_bytes
-        self.parts = parts if parts is not None else []
+        self.parts = list(parts) if parts is not None else []  # ours: saves get snapshots
         self.on_part = on_part
         self._scratch_dir = scratch_dir
         self._scratch: ScratchFile | None = None
@@ -91,7 +93,8 @@ class PartWriter:
         self._batch: list[bytes] = []
         self._batch_bytes = 0
         self._pending: list[asyncio.Future[None]] = []  # one batch's write+sha256 (and md5)
-        self._upload: asyncio.Task[None] | None = None
+        self._upload: asyncio.Task[None] | None = None  # the part on its way to the store
+        self._saving: asyncio.Task[None] | None = None  # the state save of the part before
 
     @property
     def received(self) -> int:
@@ -191,20 +194,33 @@ class PartWriter:
         body: Any = self._open().body(slot * self.part_size, size) if size else b""
         etag = await upload_part(self.bucket, self.key, self.upload_id, number, body, md5)
         self.parts.append(Part(number, etag, size))
-        self.offset += size
+        parts = list(self.parts)
+        await self._wait_save()  # the part before first: saves in order, one at a time
+        self._saving = asyncio.create_task(self._save(parts, snapshot, size))
+
+    async def _save(self, parts: list[Part], snapshot: bytes, size: int) -> None:
         if self.on_part is not None:
-            await self.on_part(snapshot)
+            await self.on_part(parts, snapshot)
+        self.offset += size
 
     def _raise_failed_upload(self) -> None:
-        """A part upload that failed ends the request now: no point reading more."""
-        if self._upload is not None and self._upload.done():
-            upload, self._upload = self._upload, None
-            upload.result()
+        """A part upload or state save that failed ends the request now: no point reading
+        more."""
+        for name in ("_upload", "_saving"):
+            task = getattr(self, name)
+            if task is not None and task.done():
+                setattr(self, name, None)
+                task.result()
 
     async def _wait_upload(self) -> None:
         if self._upload is not None:
             upload, self._upload = self._upload, None
             await upload
+
+    async def _wait_save(self) -> None:
+        if self._saving is not None:
+            saving, self._saving = self._saving, None
+            await saving
 
     # ---- the end of a request ----
 
@@ -214,12 +230,14 @@ class PartWriter:
         await self._dispatch()
         await self._settle_batch()
         await self._wait_upload()
+        await self._wait_save()
 
     async def flush(self) -> None:
-        """Upload the filling slot as the next part and wait for it (the caller knows it may:
-        at least MIN_PART_BYTES, or the last part)."""
+        """Upload the filling slot as the next part and wait for it and its state (the caller
+        knows it may: at least MIN_PART_BYTES, or the last part)."""
         await self._seal()
         await self._wait_upload()
+        await self._wait_save()
 
     async def read_pending(self) -> bytes:
         """The filling slot's bytes (after ``drain``; the caller keeps them small: a tail)."""
@@ -233,15 +251,18 @@ class PartWriter:
         threads end, remove the scratch file."""
         pending, self._pending = self._pending, []
         try:
-            if self._upload is not None:
-                upload, self._upload = self._upload, None
-                upload.cancel()
+            for name in ("_upload", "_saving"):
+                task = getattr(self, name)
+                if task is None:
+                    continue
+                setattr(self, name, None)
+                task.cancel()
                 try:
                     with contextlib.suppress(Exception):  # the request failed already
-                        await upload
+                        await task
                 except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
                         raise  # we are cancelled ourselves, not just the upload
             if pending:
                 await asyncio.shield(asyncio.wait(pending))

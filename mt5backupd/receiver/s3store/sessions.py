@@ -221,8 +221,9 @@ class Sessions:
                                 on_bytes=self.on_bytes, parts=st.parts,
                                 scratch_dir=self.scratch_dir, content_md5=st.part_md5)
 
-            async def part_done(hash_state: bytes) -> None:
-                st.hash_state = hash_state  # as of this part's end, not of what came since
+            async def part_done(parts: list[Part], hash_state: bytes) -> None:
+                # both as of this part's end, not of what came since
+                st.parts, st.hash_state = parts, hash_state
                 st.tail_key, st.tail_size = None, 0  # a stored tail is now inside a part
                 await self.save(st)
 

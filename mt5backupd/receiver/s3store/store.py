@@ -1,5 +1,5 @@
 """``S3Storage``: the receiver's storage interface on an S3-compatible bucket. Stateless apart
-from per-request buffers and a cache of (immutable) records, so any number of replicas serve
+from per-request scratch files and a cache of (immutable) records, so any number of replicas serve
 one bucket; see keys (layout), sessions (resumable uploads), parts + scratch (the ingest path),
 publish (commit), conn (the client, errors, preflight)."""
 
