@@ -17,7 +17,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,50 @@ class State:
                    bool(data.get("part_md5", True)))
 
 
+class UploadLocks:
+    """This replica's per-upload locks (one request at a time per upload), each kept only while
+    a request holds or waits for it: uploads that end on another replica, or are only looked at
+    by expiry, leave nothing behind."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def busy(self, client: str, uid: str) -> bool:
+        entry = self._held.get((client, uid))
+        return entry is not None and entry[0].locked()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, client: str, uid: str, *, busy_message: str,
+                   wait_s: float = 0.0) -> AsyncIterator[None]:
+        """The upload's lock; UploadBusy(busy_message) when another request holds it (after
+        waiting ``wait_s`` for it)."""
+        key = (client, uid)
+        lock, users = self._held.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        if lock.locked() and wait_s <= 0:
+            raise UploadBusy(busy_message)
+        self._held[key] = (lock, users + 1)
+        try:
+            try:
+                await asyncio.wait_for(lock.acquire(), wait_s or None)
+            except TimeoutError:
+                raise UploadBusy(busy_message) from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            lock, users = self._held[key]
+            if users > 1:
+                self._held[key] = (lock, users - 1)
+            else:
+                del self._held[key]
+
+
 class Sessions:
     def __init__(self, bucket: Bucket, *, part_size: int, max_upload_bytes: int,
                  partial_ttl_s: float, lock_args: Any, on_bytes: Any,
@@ -112,7 +156,7 @@ class Sessions:
         self.lock_args = lock_args  # () -> Object Lock parameters for a new object
         self.on_bytes = on_bytes
         self.scratch_dir = scratch_dir
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.locks = UploadLocks()
 
     # ---- state in the bucket ----
 
@@ -141,14 +185,6 @@ class Sessions:
         except ClientError:
             raise UploadBusy(f"upload {st.uid} was changed by another request") from None
         st.etag = str(resp["ETag"])
-
-    def lock(self, client: str, uid: str) -> asyncio.Lock:
-        return self._locks.setdefault((client, uid), asyncio.Lock())
-
-    def _forget_lock(self, client: str, uid: str) -> None:
-        lock = self._locks.get((client, uid))
-        if lock is not None and not lock.locked():
-            self._locks.pop((client, uid), None)
 
     def hasher(self, st: State) -> ResumableSha256:
         if not st.hash_state:
@@ -204,10 +240,8 @@ class Sessions:
 
     async def append(self, client: str, uid: str, offset: int, chunks: AsyncIterable[bytes],
                      content_length: int | None, discard: Any) -> int:
-        lock = self.lock(client, uid)
-        if lock.locked():
-            raise UploadBusy(f"upload {uid} is receiving data on another connection")
-        async with lock:
+        async with self.locks.hold(
+                client, uid, busy_message=f"upload {uid} is receiving data on another connection"):
             st = await self.load(client, uid)
             if offset != st.offset:
                 raise OffsetMismatch(offset, st.offset)
@@ -275,4 +309,3 @@ class Sessions:
         if st.tail_key:
             await self._delete_quietly(st.tail_key)
         await self._delete_quietly(self.keys.session_state(st.client, st.uid))
-        self._forget_lock(st.client, st.uid)

@@ -36,7 +36,6 @@ from mt5backupd.receiver.storage.errors import (
     SizeMismatch,
     StoreUnavailable,
     TooLarge,
-    UploadBusy,
 )
 from mt5backupd.receiver.storage.publish import check_metadata, check_name_and_kind
 from mt5backupd.records import BackupRecord
@@ -137,10 +136,8 @@ class S3Storage:
                                           self.sessions.remove)
 
     async def commit(self, client: str, uid: str, sha256: str, size: int) -> BackupRecord:
-        lock = self.sessions.lock(client, uid)
-        if lock.locked():
-            raise UploadBusy(f"upload {uid} is receiving data on another connection")
-        async with lock:
+        async with self.sessions.locks.hold(
+                client, uid, busy_message=f"upload {uid} is receiving data on another connection"):
             st = await self.sessions.load(client, uid)
             if st.sha256 is None:  # not verified by an earlier attempt yet
                 await self._verify_and_seal(st, sha256.lower(), size)
@@ -191,16 +188,10 @@ class S3Storage:
             await self.sessions._delete_quietly(old_tail)
 
     async def abort(self, client: str, uid: str) -> None:
-        lock = self.sessions.lock(client, uid)
-        try:
-            await asyncio.wait_for(lock.acquire(), ABORT_WAIT_S)
-        except TimeoutError:
-            raise UploadBusy(f"upload {uid} is still receiving data on another connection"
-                             ) from None
-        try:
+        async with self.sessions.locks.hold(
+                client, uid, wait_s=ABORT_WAIT_S,
+                busy_message=f"upload {uid} is still receiving data on another connection"):
             await self.sessions.remove(await self.sessions.load(client, uid))
-        finally:
-            lock.release()
 
     # ---- one-shot uploads ----
 
