@@ -32,6 +32,7 @@ from mt5backupd.errors import EXIT_CONFIG
 from mt5backupd.receiver.auth import TokenStore
 from mt5backupd.receiver.context import STORAGE_KEY
 from mt5backupd.receiver.metrics import ReceiverMetrics
+from mt5backupd.receiver.s3store import S3Storage
 from mt5backupd.receiver.server import start_receiver
 from mt5backupd.testkit.receiverproc import ReceiverProcess
 from tests.receiver_harness import TokenSet, make_tokens, receiver_config
@@ -311,6 +312,7 @@ async def test_expiry_removes_stray_tails_and_tmp_leftovers_and_locks_stay_bound
     running = await start_receiver(cfg, TokenStore(cfg.tokens_file))
     s3 = moto_s3.client()
     storage = running.app[STORAGE_KEY]
+    assert isinstance(storage, S3Storage)
     try:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {tokens.alice}"}
                                          ) as http:

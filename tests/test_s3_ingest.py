@@ -24,6 +24,7 @@ from mt5backupd.receiver.auth import TokenStore
 from mt5backupd.receiver.bodies import READ_BUFSIZE
 from mt5backupd.receiver.context import STORAGE_KEY
 from mt5backupd.receiver.metrics import ReceiverMetrics
+from mt5backupd.receiver.s3store import S3Storage
 from mt5backupd.receiver.s3store.hashstate import ResumableSha256
 from mt5backupd.receiver.server import RunningReceiver, start_receiver
 from mt5backupd.testkit.receiverproc import ReceiverProcess
@@ -155,7 +156,9 @@ async def test_parts_overlap_backpressure_at_two_parts_offset_only_acknowledged(
             assert await sending == len(data)
             assert durable_parts(moto_s3, bucket, uid) == [PART] * 4  # and a tail object
             await finish(http, running.url, uid, data, len(data))
-            assert len(running.app[STORAGE_KEY].sessions.locks) == 0  # none kept after use
+            storage = running.app[STORAGE_KEY]
+            assert isinstance(storage, S3Storage)
+            assert len(storage.sessions.locks) == 0  # none kept after use
     finally:
         switch.release()
         await running.close()
