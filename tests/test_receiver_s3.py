@@ -213,6 +213,20 @@ async def test_object_lock_retention_requested_delete_refused_prune_reports(
             assert [r["id"] for r in pruned["locked"]] == ["mt5_trading-20261101-030000.dump.zst"]
             async with http.get(f"{running.url}/api/backup/list", headers=alice) as resp:
                 assert (await resp.json())["count"] == 2
+            # resumable: parts of an upload created with Object Lock parameters carry
+            # Content-MD5 (S3 requires it there), from the incremental MD5 and the tail's
+            data = os.urandom(TEST_PART_BYTES + 1000)
+            async with http.post(f"{running.url}/api/v1/uploads", json={"name": "r.dump"},
+                                 headers=alice) as resp:
+                uid = (await resp.json())["upload_id"]
+            async with http.patch(f"{running.url}/api/v1/uploads/{uid}", data=data,
+                                  headers={**alice, "Upload-Offset": "0"}) as resp:
+                assert resp.status == 204
+            async with http.post(f"{running.url}/api/v1/uploads/{uid}/commit", headers=alice,
+                                 json={"sha256": sha(data), "size": len(data)}) as resp:
+                assert resp.status == 201, await resp.text()
+            head = moto_s3.client().head_object(Bucket=bucket, Key="backups/alice/r.dump/data")
+            assert (head["ObjectLockMode"], head["ContentLength"]) == ("GOVERNANCE", len(data))
     finally:
         await running.close()
 

@@ -218,6 +218,7 @@ class S3Storage:
                 UploadId=writer.upload_id, MultipartUpload={"Parts": [
                     {"PartNumber": p.number, "ETag": p.etag} for p in writer.parts]})
         except BaseException:
+            await writer.close()  # no part still on its way when the upload is aborted
             try:
                 await self.bucket.call("abort_multipart", "abort_multipart_upload", Key=key,
                                        UploadId=writer.upload_id, expect=("NoSuchUpload",))
