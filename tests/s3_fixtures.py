@@ -85,13 +85,26 @@ def s3_receiver_cfg(base: ReceiverConfig, moto: MotoS3, bucket: str,
 
 class StoreSwitch:
     """A TCP proxy in front of the S3 endpoint that can be switched off (listener closed, live
-    connections cut: the store is gone) and on again on the same port."""
+    connections cut: the store is gone) and on again on the same port, or held (requests stop
+    flowing to the store once a budget of bytes is used up, as if it stalled) and released."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._budget = 0
+
+    def hold(self, budget_bytes: int = 0) -> None:
+        """From now on, at most ``budget_bytes`` more go to the store (small requests pass, a
+        part's body stalls)."""
+        self._budget = budget_bytes
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
 
     @property
     def url(self) -> str:
@@ -118,13 +131,19 @@ class StoreSwitch:
             return
         self._writers.update((writer, up_writer))
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       gated: bool) -> None:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await src.read(65536):
+                    if gated and not self._flowing.is_set():
+                        if len(data) > self._budget:
+                            await self._flowing.wait()
+                        else:
+                            self._budget -= len(data)
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
         self._writers.discard(writer)
         self._writers.discard(up_writer)

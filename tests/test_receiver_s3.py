@@ -32,6 +32,7 @@ from mt5backupd.errors import EXIT_CONFIG
 from mt5backupd.receiver.auth import TokenStore
 from mt5backupd.receiver.context import STORAGE_KEY
 from mt5backupd.receiver.metrics import ReceiverMetrics
+from mt5backupd.receiver.s3store import S3Storage
 from mt5backupd.receiver.server import start_receiver
 from mt5backupd.testkit.receiverproc import ReceiverProcess
 from tests.receiver_harness import TokenSet, make_tokens, receiver_config
@@ -212,6 +213,20 @@ async def test_object_lock_retention_requested_delete_refused_prune_reports(
             assert [r["id"] for r in pruned["locked"]] == ["mt5_trading-20261101-030000.dump.zst"]
             async with http.get(f"{running.url}/api/backup/list", headers=alice) as resp:
                 assert (await resp.json())["count"] == 2
+            # resumable: parts of an upload created with Object Lock parameters carry
+            # Content-MD5 (S3 requires it there), from the incremental MD5 and the tail's
+            data = os.urandom(TEST_PART_BYTES + 1000)
+            async with http.post(f"{running.url}/api/v1/uploads", json={"name": "r.dump"},
+                                 headers=alice) as resp:
+                uid = (await resp.json())["upload_id"]
+            async with http.patch(f"{running.url}/api/v1/uploads/{uid}", data=data,
+                                  headers={**alice, "Upload-Offset": "0"}) as resp:
+                assert resp.status == 204
+            async with http.post(f"{running.url}/api/v1/uploads/{uid}/commit", headers=alice,
+                                 json={"sha256": sha(data), "size": len(data)}) as resp:
+                assert resp.status == 201, await resp.text()
+            head = moto_s3.client().head_object(Bucket=bucket, Key="backups/alice/r.dump/data")
+            assert (head["ObjectLockMode"], head["ContentLength"]) == ("GOVERNANCE", len(data))
     finally:
         await running.close()
 
@@ -296,5 +311,47 @@ async def test_abort_and_expiry_abort_multipart_uploads_on_s3(
         assert samples[("mt5backup_receiver_storage_requests_total", "abort_multipart", "ok")] >= 2
         assert ("mt5backup_receiver_storage_request_seconds_count", "put", None) in samples
         assert "mt5backup_receiver_storage_free_bytes" not in text
+    finally:
+        await running.close()
+
+
+async def test_expiry_removes_stray_tails_and_tmp_leftovers_and_locks_stay_bounded(
+        tmp_path: Path, moto_s3: MotoS3, s3_env: dict[str, str]) -> None:
+    """Expiry removes tail objects no session points at and tmp/ objects a crash left, once
+    older than partial_ttl_s, and keeps the tail of a session in use; a replica's per-upload
+    locks are gone once its requests end (expiry looking at sessions adds none)."""
+    bucket = moto_s3.new_bucket()
+    cfg = s3_receiver_cfg(receiver_config(tmp_path, partial_ttl_s=600.0), moto_s3, bucket)
+    tokens = make_tokens(cfg.tokens_file)
+    running = await start_receiver(cfg, TokenStore(cfg.tokens_file))
+    s3 = moto_s3.client()
+    storage = running.app[STORAGE_KEY]
+    assert isinstance(storage, S3Storage)
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {tokens.alice}"}
+                                         ) as http:
+            async with http.post(f"{running.url}/api/v1/uploads", json={"name": "t.dump"}) as r:
+                uid = (await r.json())["upload_id"]
+            async with http.patch(f"{running.url}/api/v1/uploads/{uid}", data=b"t" * 1000,
+                                  headers={"Upload-Offset": "0"}) as resp:
+                assert resp.status == 204
+        strays = [f"sessions/alice/{uid}/tail-stray", "sessions/alice/" + "0" * 32 + "/tail-x",
+                  f"tmp/alice/{int(time.time())}-leftover"]
+        for key in strays:
+            s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+
+        def keys() -> set[str]:
+            return {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+        live_tail = next(k for k in keys() if k.startswith(f"sessions/alice/{uid}/tail-")
+                         and k not in strays)
+        assert await storage.expire_partials() == 0
+        assert set(strays) <= keys()  # young: could be a tail whose state is being written
+        async with storage.sessions.locks.hold("alice", uid, busy_message="busy"):
+            # an hour later, the session in use by a request
+            await storage.expire_partials(now=time.time() + 3600)
+        assert not set(strays) & keys()
+        assert live_tail in keys()
+        assert len(storage.sessions.locks) == 0
     finally:
         await running.close()

@@ -89,6 +89,7 @@ def _load_storage(sec: Section) -> StorageConfig:
         credentials_file=sec.opt_path("credentials_file"),
         object_lock_days=sec.int_min("object_lock_days", d.object_lock_days, 0),
         object_lock_mode=sec.choice("object_lock_mode", d.object_lock_mode, OBJECT_LOCK_MODES),
+        scratch_dir=sec.opt_path("scratch_dir"),
     )
     if cfg.backend == "s3" and not cfg.bucket:
         raise sec.error("bucket", 'is required with backend = "s3"')

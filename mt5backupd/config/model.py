@@ -46,6 +46,8 @@ class StorageConfig:
     credentials_file: Path | None = None
     object_lock_days: int = 0  # 0: no retention set on committed objects
     object_lock_mode: str = "GOVERNANCE"
+    # S3 ingest: per upload request, an unlinked file of up to two parts; None: the system temp dir
+    scratch_dir: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,20 @@ class Bucket:
                                   "the bucket does not have Object Lock enabled")
 
 
+async def list_uploads(bucket: Bucket, prefix: str) -> AsyncIterator[Any]:
+    """Every multipart upload under ``prefix``, page after page (1000 per page on AWS)."""
+    args: dict[str, Any] = {"Prefix": prefix}
+    while True:
+        page = await bucket.call("list", "list_multipart_uploads", **args)
+        for upload in page.get("Uploads", []):
+            yield upload
+        markers = {"KeyMarker": page.get("NextKeyMarker"),
+                   "UploadIdMarker": page.get("NextUploadIdMarker")}
+        if not page.get("IsTruncated") or not any(markers.values()):
+            return  # (truncated without a marker to go on from: a broken store, not a loop)
+        args = {"Prefix": prefix, **{k: v for k, v in markers.items() if v}}
+
+
 async def list_pages(bucket: Bucket, prefix: str, delimiter: str | None = None
                      ) -> AsyncIterator[Any]:
     """Every page of ListObjectsV2 under ``prefix``."""

@@ -1,6 +1,8 @@
 """Housekeeping of the bucket, run by every replica (each step is idempotent): sessions idle
-past partial_ttl_s aborted on S3 and removed, multipart uploads no session owns aborted, and the
-usage figures (/metrics) refreshed."""
+past partial_ttl_s aborted on S3 and removed, multipart uploads no session owns aborted, stray
+objects older than partial_ttl_s removed (``tail-*`` objects no session points at, ``tmp/``
+objects of one-shot uploads a crash kept from being published or removed), and the usage
+figures (/metrics) refreshed."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 from loguru import logger
 
-from mt5backupd.receiver.s3store.conn import Bucket, list_pages
+from mt5backupd.receiver.s3store.conn import Bucket, list_pages, list_uploads
 from mt5backupd.receiver.s3store.keys import DATA_NAME
 from mt5backupd.receiver.s3store.sessions import Sessions
 from mt5backupd.receiver.storage.errors import Conflict, InvalidId, NotFound, StoreUnavailable
@@ -35,10 +37,14 @@ class Expiry:
         removed = 0
         live_uploads: set[str] = set()
         partials = 0
+        tails: list[tuple[str, float]] = []  # (key, age in seconds) of every tail object seen
+        current_tails: set[str] = set()  # the ones sessions point at
         async for page in list_pages(self.bucket, self.keys.sessions):
             for obj in page.get("Contents", []):
                 key = str(obj["Key"])
                 parts = key[len(self.keys.sessions):].split("/")
+                if len(parts) == 3 and parts[2].startswith("tail-"):
+                    tails.append((key, now - obj["LastModified"].timestamp()))
                 if len(parts) != 3 or parts[2] != "state.json":
                     continue
                 client, uid = parts[0], parts[1]
@@ -47,15 +53,25 @@ class Expiry:
                 except (Conflict, InvalidId, NotFound):  # corrupt, foreign or just removed
                     continue
                 idle_s = now - obj["LastModified"].timestamp()
-                if idle_s > self.partial_ttl_s and not self.sessions.lock(client, uid).locked():
+                if idle_s > self.partial_ttl_s and not self.sessions.locks.busy(client, uid):
                     await self.sessions.remove(st)
                     removed += 1
                 else:
                     live_uploads.add(st.upload_id)
+                    if st.tail_key:
+                        current_tails.add(st.tail_key)
                     partials += 1
-        listing = await self.bucket.call("list", "list_multipart_uploads", Prefix=self.keys.root)
+        # a tail is written just before the state that points at it: only old ones are strays
+        stray = [key for key, age_s in tails
+                 if age_s > self.partial_ttl_s and key not in current_tails]
+        stray += await self._old_temps(now)
+        for key in stray:
+            await self.sessions._delete_quietly(key)
+        if stray:
+            logger.info("removed {} stray objects (unreferenced tails, unpublished tmp/)",
+                        len(stray))
         orphans = set()
-        for upload in listing.get("Uploads", []):
+        async for upload in list_uploads(self.bucket, self.keys.root):
             upload_id = str(upload["UploadId"])
             if upload_id in live_uploads:
                 continue
@@ -72,6 +88,16 @@ class Expiry:
         self.partials = partials
         await self.scan_usage()
         return removed
+
+    async def _old_temps(self, now: float) -> list[str]:
+        """Completed one-shot uploads under ``tmp/`` older than partial_ttl_s: published or
+        discarded within their request, so these are what a crash left."""
+        found = []
+        async for page in list_pages(self.bucket, self.keys.root + "tmp/"):
+            for obj in page.get("Contents", []):
+                if now - obj["LastModified"].timestamp() > self.partial_ttl_s:
+                    found.append(str(obj["Key"]))
+        return found
 
     def _orphan_expired(self, key: str, upload_id: str, initiated: Any, now: float) -> bool:
         """A multipart upload no session owns: a one-shot upload's (``tmp/``, its name tells

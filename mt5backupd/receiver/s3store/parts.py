@@ -1,77 +1,41 @@
-"""The ingest path to S3: received chunks gathered into parts of ``part_size`` bytes, each
-uploaded (with Content-MD5) while the whole-stream SHA-256 runs in a worker thread.
+"""The ingest path to S3: received chunks go into a two-slot ring in a scratch file on local
+disk (scratch.py), one part per slot. A full slot is uploaded from the file while the next part
+is received into the other slot: receive and upload overlap. The write and the whole-stream
+SHA-256 (and an incremental MD5 where Content-MD5 is needed) run in worker threads, pipelined
+with the network read, about 1 MiB at a time.
 
-Memory per upload is bounded by one part: a chunk is split at the part boundary (no copy of
-the part), and while a part is on its way the next chunk is not read, so a fast client waits
-(TCP backpressure) instead of filling memory.
+Only when both slots are busy (the store is slower than the client) does the handler stop
+reading (TCP backpressure), so per upload the scratch disk holds at most two parts and memory a
+batch or two of chunks, whatever the part size.
+
+Order and durability: parts are uploaded one at a time, in order. Once part N is acknowledged
+its slot is free and part N+1's upload may start, while ``on_part(parts, hash_state)`` (the
+session saves its state there) runs for part N: the parts list and the hash state handed over
+are snapshots as of part N's end, so a saved state never covers bytes past the saved parts. The
+saves are chained (at most one in flight), so part N+1's state is never saved before part N's:
+the durable offset only ever counts acknowledged parts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import io
+import base64
+import contextlib
+import hashlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from mt5backupd.receiver.s3store.conn import Bucket, content_md5
+from mt5backupd.receiver.s3store.conn import Bucket
 from mt5backupd.receiver.s3store.hashstate import ResumableSha256
+from mt5backupd.receiver.s3store.scratch import ScratchFile
 from mt5backupd.receiver.storage.errors import TooLarge
 
 MIN_PART_BYTES = 5 * 1024**2  # S3's floor for every part but the last
 MAX_PARTS = 10_000  # S3's ceiling on part numbers
-
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def pin_mmap_threshold(threshold_bytes: int = 4 * 1024 * 1024) -> bool:
-    """Have glibc serve part buffers (>= 5 MiB) with their own mmap, returned to the system
-    when an upload ends. mt5backupd.tuning sets the threshold to 32 MiB and keeps freed heap for
-    the filesystem path's 1 MiB buffers; part buffers from that heap would stay in the RSS after
-    their uploads, several parts' worth over time. 4 MiB keeps the 1 MiB body chunks on the
-    heap as tuned. False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))
-    except (OSError, AttributeError):
-        return False
-
-
-class PartBody(io.RawIOBase):
-    """A part's buffer as a file, without a copy: aiohttp then sends it 64 KiB at a time. As
-    bytes it would be written whole, and Python 3.11's transport copies whatever the socket
-    does not take at once: up to a second part's worth of memory per upload."""
-
-    def __init__(self, data: memoryview) -> None:
-        super().__init__()
-        self._view = data
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        chunk = self._view[self._pos:self._pos + len(buffer)]
-        n = len(chunk)
-        memoryview(buffer)[:n] = chunk
-        self._pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def __len__(self) -> int:
-        return len(self._view)
-
+BATCH_BYTES = 1024 * 1024  # what goes to the worker threads at once
+SLOTS = 2
 
 
 @dataclass
@@ -81,78 +45,234 @@ class Part:
     size: int
 
 
-@dataclass
+async def upload_part(bucket: Bucket, key: str, upload_id: str, number: int, body: Any,
+                      md5: str | None) -> str:
+    """One UploadPart; returns its ETag. The part is checked on arrival by the store against
+    its SHA-256 in the signed ``X-Amz-Content-SHA256`` header (botocore signs the payload when
+    there is no Content-MD5); ``md5`` (Content-MD5) where the store requires it: on parts of
+    an upload created with Object Lock parameters."""
+    extra: dict[str, Any] = {"ContentMD5": md5} if md5 is not None else {}
+    resp = await bucket.call("upload_part", "upload_part", Key=key, UploadId=upload_id,
+                             PartNumber=number, Body=body, **extra)
+    return str(resp["ETag"])
+
+
+def _md5_b64(h: Any) -> str:
+    return base64.b64encode(h.digest()).decode()
+
+
 class PartWriter:
-    """Feeds one multipart upload. ``offset`` counts bytes in uploaded parts (and the hash);
-    ``buf`` holds what is received but not yet in a part. ``on_part`` runs after each part
-    (the session saves its state there)."""
+    """Feeds one multipart upload within one request. ``offset`` counts the bytes in
+    acknowledged parts; ``received`` every byte fed (and preloaded). Call ``close()`` whatever
+    happens: it stops what is still in flight and removes the scratch file."""
 
-    bucket: Bucket
-    key: str
-    upload_id: str
-    part_size: int
-    hasher: ResumableSha256
-    limit: int
-    offset: int
-    on_bytes: Callable[[int], None]
-    parts: list[Part] = field(default_factory=list)
-    on_part: Callable[[], Awaitable[None]] | None = None
-    # one part's buffer, allocated once at its full size and reused (no growth, no copies)
-    _buf: bytearray | None = None
-    _fill: int = 0
-
-    @property
-    def buffered(self) -> memoryview:
-        """The bytes received but not yet in a part."""
-        return memoryview(self._buf or b"")[:self._fill]
+    def __init__(self, bucket: Bucket, key: str, upload_id: str, *, part_size: int,
+                 hasher: ResumableSha256, limit: int, offset: int,
+                 on_bytes: Callable[[int], None], parts: list[Part] | None = None,
+                 scratch_dir: Path | None = None, content_md5: bool = False,
+                 on_part: Callable[[list[Part], bytes], Awaitable[None]] | None = None
+                 ) -> None:
+        self.bucket = bucket
+        self.key = key
+        self.upload_id = upload_id
+        self.part_size = part_size
+        self.hasher = hasher
+        self.limit = limit
+        self.offset = offset
+        self.on_bytes = on_bytes
+        self.parts = list(parts) if parts is not None else []  # ours: saves get snapshots
+        self.on_part = on_part
+        self._scratch_dir = scratch_dir
+        self._scratch: ScratchFile | None = None
+        self._received = offset
+        self._next_number = self.parts[-1].number + 1 if self.parts else 1
+        self._slot = 0  # the slot being filled; the other one may be on its way to the store
+        self._fill = 0  # bytes of the filling slot handed to the writer thread
+        self._with_md5 = content_md5
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._pending: list[asyncio.Future[None]] = []  # one batch's write+sha256 (and md5)
+        self._upload: asyncio.Task[None] | None = None  # the part on its way to the store
+        self._saving: asyncio.Task[None] | None = None  # the state save of the part before
 
     @property
     def received(self) -> int:
-        return self.offset + self._fill
+        return self._received
 
-    def _put(self, data: memoryview | bytes) -> int:
-        if self._buf is None:
-            self._buf = bytearray(self.part_size)
-        n = min(len(data), self.part_size - self._fill)
-        self._buf[self._fill:self._fill + n] = data[:n]
-        self._fill += n
-        return n
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the slot being filled (not yet sealed as a part)."""
+        return self._fill + self._batch_bytes
+
+    # ---- receiving ----
 
     def preload(self, tail: bytes) -> None:
-        """Start from a session's stored tail."""
-        self._put(tail)
+        """Start from a session's stored tail (hashed and written with the first batch)."""
+        if tail:
+            self._batch.append(tail)
+            self._batch_bytes += len(tail)
+            self._received += len(tail)
 
     async def feed(self, chunk: bytes) -> None:
-        if self.received + len(chunk) > self.limit:
+        if self._received + len(chunk) > self.limit:
             raise TooLarge(f"upload exceeds {self.limit} bytes")
+        self._received += len(chunk)
         self.on_bytes(len(chunk))
-        view = memoryview(chunk)
-        while view:
-            view = view[self._put(view):]
-            if self._fill >= self.part_size:
-                await self.flush()
+        while chunk:
+            self._raise_failed_upload()
+            room = self.part_size - self._fill - self._batch_bytes
+            piece, chunk = (chunk, b"") if len(chunk) <= room else (chunk[:room], chunk[room:])
+            self._batch.append(piece)
+            self._batch_bytes += len(piece)
+            if self.pending_bytes >= self.part_size:
+                await self._seal()
+            elif self._batch_bytes >= BATCH_BYTES:
+                await self._dispatch()
 
-    async def flush(self) -> None:
-        """Upload what is buffered as the next part (the caller knows it may: at least
-        MIN_PART_BYTES, or the last part)."""
-        data = self.buffered
-        number = self.parts[-1].number + 1 if self.parts else 1
+    def _open(self) -> ScratchFile:
+        if self._scratch is None:
+            self._scratch = ScratchFile(self._scratch_dir)
+        return self._scratch
+
+    async def _settle_batch(self) -> None:
+        """Wait for the batch in the worker threads; both end before anything else happens,
+        even when one fails."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        await asyncio.wait(pending)
+        for future in pending:
+            error = future.exception()
+            if error is not None:
+                raise error
+
+    async def _dispatch(self) -> None:
+        await self._settle_batch()
+        if not self._batch:
+            return
+        scratch = self._open()
+        chunks, self._batch = self._batch, []
+        at = self._slot * self.part_size + self._fill
+        self._fill += self._batch_bytes
+        self._batch_bytes = 0
+        md5, hasher = self._md5, self.hasher
+
+        def write_and_hash() -> None:
+            scratch.write(chunks, at)
+            for chunk in chunks:
+                hasher.update(chunk)
+
+        def digest() -> None:
+            for chunk in chunks:
+                md5.update(chunk)
+
+        loop = asyncio.get_running_loop()
+        self._pending = [loop.run_in_executor(None, write_and_hash)]
+        if self._with_md5:
+            self._pending.append(loop.run_in_executor(None, digest))
+
+    async def _seal(self) -> None:
+        """The filling slot becomes the next part: its upload starts once the previous part is
+        acknowledged (the only wait that stops the reading), and the other slot fills."""
+        await self._dispatch()
+        await self._settle_batch()
+        number = self._next_number
         if number > MAX_PARTS:
             raise TooLarge(f"upload needs more than {MAX_PARTS} parts of {self.part_size} bytes")
-        hashing = asyncio.create_task(asyncio.to_thread(self.hasher.update, data))
-        try:
-            md5 = await asyncio.to_thread(content_md5, data)
-            body = PartBody(data)
-            try:
-                resp = await self.bucket.call("upload_part", "upload_part", Key=self.key,
-                                              UploadId=self.upload_id, PartNumber=number,
-                                              Body=body, ContentMD5=md5)
-            finally:
-                body.close()
-        finally:
-            await hashing  # the thread uses ``data``; never leave it running behind us
-        self.parts.append(Part(number, str(resp["ETag"]), len(data)))
-        self.offset += len(data)
+        size, snapshot = self._fill, self.hasher.state()
+        md5 = _md5_b64(self._md5) if self._with_md5 else None
+        await self._wait_upload()
+        self._upload = asyncio.create_task(self._send(self._slot, size, md5, number, snapshot))
+        self._next_number += 1
+        self._slot = (self._slot + 1) % SLOTS
         self._fill = 0
+        self._md5 = hashlib.md5(usedforsecurity=False)
+
+    async def _send(self, slot: int, size: int, md5: str | None, number: int, snapshot: bytes
+                    ) -> None:
+        body: Any = self._open().body(slot * self.part_size, size) if size else b""
+        etag = await upload_part(self.bucket, self.key, self.upload_id, number, body, md5)
+        self.parts.append(Part(number, etag, size))
+        parts = list(self.parts)
+        await self._wait_save()  # the part before first: saves in order, one at a time
+        self._saving = asyncio.create_task(self._save(parts, snapshot, size))
+
+    async def _save(self, parts: list[Part], snapshot: bytes, size: int) -> None:
         if self.on_part is not None:
-            await self.on_part()
+            await self.on_part(parts, snapshot)
+        self.offset += size
+
+    def _raise_failed_upload(self) -> None:
+        """A part upload or state save that failed ends the request now: no point reading
+        more."""
+        for name in ("_upload", "_saving"):
+            task = getattr(self, name)
+            if task is not None and task.done():
+                setattr(self, name, None)
+                task.result()
+
+    async def _wait_upload(self) -> None:
+        if self._upload is not None:
+            upload, self._upload = self._upload, None
+            await upload
+
+    async def _wait_save(self) -> None:
+        if self._saving is not None:
+            saving, self._saving = self._saving, None
+            await saving
+
+    # ---- the end of a request ----
+
+    async def drain(self) -> None:
+        """Everything received is in the scratch file and hashed, and the part on its way is
+        acknowledged (its state saved); what is left is ``pending_bytes`` in the filling slot."""
+        await self._dispatch()
+        await self._settle_batch()
+        await self._wait_upload()
+        await self._wait_save()
+
+    async def flush(self) -> None:
+        """Upload the filling slot as the next part and wait for it and its state (the caller
+        knows it may: at least MIN_PART_BYTES, or the last part)."""
+        await self._seal()
+        await self._wait_upload()
+        await self._wait_save()
+
+    async def read_pending(self) -> bytes:
+        """The filling slot's bytes (after ``drain``; the caller keeps them small: a tail)."""
+        if not self._fill:
+            return b""
+        return await asyncio.to_thread(self._open().read, self._slot * self.part_size,
+                                       self._fill)
+
+    async def close(self) -> None:
+        """Stop an upload still in flight (its part is simply not acknowledged), let the worker
+        threads end, remove the scratch file."""
+        pending, self._pending = self._pending, []
+        try:
+            for name in ("_upload", "_saving"):
+                task = getattr(self, name)
+                if task is None:
+                    continue
+                setattr(self, name, None)
+                task.cancel()
+                try:
+                    with contextlib.suppress(Exception):  # the request failed already
+                        await task
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # we are cancelled ourselves, not just the upload
+            if pending:
+                await asyncio.shield(asyncio.wait(pending))
+        finally:
+            scratch, self._scratch = self._scratch, None
+            running = [f for f in pending if not f.done()]
+            if scratch is not None and running:
+                # cancelled while a thread still writes: close once it ends, never under it (a
+                # reused descriptor number would take the write)
+                asyncio.gather(*running, return_exceptions=True).add_done_callback(
+                    lambda _f: scratch.close())
+            elif scratch is not None:
+                scratch.close()

@@ -5,8 +5,9 @@ past the last part (< 5 MiB) stored as a small object between requests.
 
 Every state write is conditional on the ETag read (If-Match), so two replicas writing one
 upload cannot both move it on: the loser's request ends with 409 upload_busy and its client
-asks for the offset again. Within a request, bytes not yet in a part are in memory (at most one
-part); the durable offset, the one ``HEAD`` reports on every replica, is parts + tail.
+asks for the offset again. Within a request, bytes not yet in an acknowledged part are in a
+scratch file (at most two parts, see parts); the durable offset, the one ``HEAD`` reports on
+every replica, is acknowledged parts + tail.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -58,6 +60,7 @@ class State:
     tail_size: int = 0
     etag: str = ""  # of state.json as read: the next write is conditional on it
     sha256: str | None = None  # set once verified at commit (lets a retry finish the commit)
+    part_md5: bool = False  # created with Object Lock parameters: parts need Content-MD5
 
     @property
     def parts_bytes(self) -> int:
@@ -77,7 +80,8 @@ class State:
                 "s3_upload_id": self.upload_id, "key": self.key,
                 "parts": [[p.number, p.etag, p.size] for p in self.parts],
                 "hash_state": self.hash_state.hex(), "tail_key": self.tail_key,
-                "tail_size": self.tail_size, "sha256": self.sha256, "updated": time.time()}
+                "tail_size": self.tail_size, "sha256": self.sha256, "part_md5": self.part_md5,
+                "updated": time.time()}
 
     @classmethod
     def from_json(cls, data: Any, client: str, uid: str, etag: str) -> State:
@@ -92,12 +96,58 @@ class State:
                    str(data["s3_upload_id"]), str(data["key"]),
                    [Part(int(n), str(e), int(s)) for n, e, s in data["parts"]],
                    bytes.fromhex(data["hash_state"]), data.get("tail_key"),
-                   int(data.get("tail_size", 0)), etag, data.get("sha256"))
+                   int(data.get("tail_size", 0)), etag, data.get("sha256"),
+                   bool(data.get("part_md5", True)))
+
+
+class UploadLocks:
+    """This replica's per-upload locks (one request at a time per upload), each kept only while
+    a request holds or waits for it: uploads that end on another replica, or are only looked at
+    by expiry, leave nothing behind."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def busy(self, client: str, uid: str) -> bool:
+        entry = self._held.get((client, uid))
+        return entry is not None and entry[0].locked()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, client: str, uid: str, *, busy_message: str,
+                   wait_s: float = 0.0) -> AsyncIterator[None]:
+        """The upload's lock; UploadBusy(busy_message) when another request holds it (after
+        waiting ``wait_s`` for it)."""
+        key = (client, uid)
+        lock, users = self._held.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        if lock.locked() and wait_s <= 0:
+            raise UploadBusy(busy_message)
+        self._held[key] = (lock, users + 1)
+        try:
+            try:
+                await asyncio.wait_for(lock.acquire(), wait_s or None)
+            except TimeoutError:
+                raise UploadBusy(busy_message) from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            lock, users = self._held[key]
+            if users > 1:
+                self._held[key] = (lock, users - 1)
+            else:
+                del self._held[key]
 
 
 class Sessions:
     def __init__(self, bucket: Bucket, *, part_size: int, max_upload_bytes: int,
-                 partial_ttl_s: float, lock_args: Any, on_bytes: Any) -> None:
+                 partial_ttl_s: float, lock_args: Any, on_bytes: Any,
+                 scratch_dir: Path | None = None) -> None:
         self.bucket = bucket
         self.keys = bucket.keys
         self.part_size = part_size
@@ -105,7 +155,8 @@ class Sessions:
         self.partial_ttl_s = partial_ttl_s
         self.lock_args = lock_args  # () -> Object Lock parameters for a new object
         self.on_bytes = on_bytes
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.scratch_dir = scratch_dir
+        self.locks = UploadLocks()
 
     # ---- state in the bucket ----
 
@@ -134,14 +185,6 @@ class Sessions:
         except ClientError:
             raise UploadBusy(f"upload {st.uid} was changed by another request") from None
         st.etag = str(resp["ETag"])
-
-    def lock(self, client: str, uid: str) -> asyncio.Lock:
-        return self._locks.setdefault((client, uid), asyncio.Lock())
-
-    def _forget_lock(self, client: str, uid: str) -> None:
-        lock = self._locks.get((client, uid))
-        if lock is not None and not lock.locked():
-            self._locks.pop((client, uid), None)
 
     def hasher(self, st: State) -> ResumableSha256:
         if not st.hash_state:
@@ -181,10 +224,12 @@ class Sessions:
                                f"{MAX_PARTS} parts of part_size_bytes)")
         uid = secrets.token_hex(16)
         key = self.keys.data(client, name)
+        lock = self.lock_args()
         mpu = await self.bucket.call("create_multipart", "create_multipart_upload", Key=key,
-                                     ContentType="application/octet-stream", **self.lock_args())
+                                     ContentType="application/octet-stream", **lock)
         st = State(uid, client, name, kind, expected_size, metadata, now_iso(),
-                   str(mpu["UploadId"]), key, hash_state=ResumableSha256().state())
+                   str(mpu["UploadId"]), key, hash_state=ResumableSha256().state(),
+                   part_md5=bool(lock))
         await self.save(st, create=True)
         return st
 
@@ -195,10 +240,8 @@ class Sessions:
 
     async def append(self, client: str, uid: str, offset: int, chunks: AsyncIterable[bytes],
                      content_length: int | None, discard: Any) -> int:
-        lock = self.lock(client, uid)
-        if lock.locked():
-            raise UploadBusy(f"upload {uid} is receiving data on another connection")
-        async with lock:
+        async with self.locks.hold(
+                client, uid, busy_message=f"upload {uid} is receiving data on another connection"):
             st = await self.load(client, uid)
             if offset != st.offset:
                 raise OffsetMismatch(offset, st.offset)
@@ -207,24 +250,29 @@ class Sessions:
                 await discard(st)
                 raise TooLarge(f"upload would reach {offset + content_length} bytes, over {limit}")
             old_tail = st.tail_key
-            writer = PartWriter(self.bucket, st.key, st.upload_id, self.part_size,
-                                self.hasher(st), limit, st.parts_bytes, self.on_bytes,
-                                parts=st.parts)
-            writer.preload(await self.read_tail(st))
+            writer = PartWriter(self.bucket, st.key, st.upload_id, part_size=self.part_size,
+                                hasher=self.hasher(st), limit=limit, offset=st.parts_bytes,
+                                on_bytes=self.on_bytes, parts=st.parts,
+                                scratch_dir=self.scratch_dir, content_md5=st.part_md5)
 
-            async def part_done() -> None:
-                st.hash_state = writer.hasher.state()
+            async def part_done(parts: list[Part], hash_state: bytes) -> None:
+                # both as of this part's end, not of what came since
+                st.parts, st.hash_state = parts, hash_state
                 st.tail_key, st.tail_size = None, 0  # a stored tail is now inside a part
                 await self.save(st)
 
             writer.on_part = part_done
             source_error: BaseException | None = None
             try:
+                writer.preload(await self.read_tail(st))
                 source_error = await feed_from_client(chunks, writer.feed)
+                await self._settle(st, writer)
             except TooLarge:
+                await writer.close()
                 await discard(st)
                 raise
-            await self._settle(st, writer)
+            finally:
+                await writer.close()
             if old_tail and old_tail != st.tail_key:
                 await self._delete_quietly(old_tail)
             if source_error is not None:
@@ -232,13 +280,15 @@ class Sessions:
             return st.offset
 
     async def _settle(self, st: State, writer: PartWriter) -> None:
-        """At the end of a request: what is in memory becomes durable, as a part when it may
-        be one, else as the session's tail object."""
-        pending = writer.buffered
-        if len(pending) >= MIN_PART_BYTES:
+        """At the end of a request (also when the client went away): the part on its way is
+        acknowledged, then what is left in the scratch file becomes durable, as a part when it
+        may be one, else as the session's tail object."""
+        await writer.drain()
+        pending = writer.pending_bytes
+        if pending >= MIN_PART_BYTES:
             await writer.flush()
-        elif pending and len(pending) != st.tail_size:
-            data = bytes(pending)
+        elif pending and pending != st.tail_size:
+            data = await writer.read_pending()
             key = self.keys.session_tail(st.client, st.uid, secrets.token_hex(8))
             await self.bucket.call("put", "put_object", Key=key, Body=data,
                                    ContentMD5=content_md5(data))
@@ -259,4 +309,3 @@ class Sessions:
         if st.tail_key:
             await self._delete_quietly(st.tail_key)
         await self._delete_quietly(self.keys.session_state(st.client, st.uid))
-        self._forget_lock(st.client, st.uid)

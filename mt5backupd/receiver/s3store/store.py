@@ -1,7 +1,7 @@
 """``S3Storage``: the receiver's storage interface on an S3-compatible bucket. Stateless apart
-from per-request buffers and a cache of (immutable) records, so any number of replicas serve
-one bucket; see keys (layout), sessions (resumable uploads), publish (commit), conn (the
-client, errors, preflight)."""
+from per-request scratch files and a cache of (immutable) records, so any number of replicas serve
+one bucket; see keys (layout), sessions (resumable uploads), parts + scratch (the ingest path),
+publish (commit), conn (the client, errors, preflight)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ from loguru import logger
 
 from mt5backupd.config.model import StorageConfig
 from mt5backupd.names import InvalidName, validate_client_name
-from mt5backupd.receiver.s3store.conn import Bucket, RequestCallback, list_pages
+from mt5backupd.receiver.s3store import scratch
+from mt5backupd.receiver.s3store.conn import Bucket, RequestCallback, content_md5, list_pages
 from mt5backupd.receiver.s3store.expiry import Expiry
 from mt5backupd.receiver.s3store.hashstate import ResumableSha256
 from mt5backupd.receiver.s3store.keys import RECORD_NAME
-from mt5backupd.receiver.s3store.parts import PartWriter, pin_mmap_threshold
+from mt5backupd.receiver.s3store.parts import Part, PartWriter, upload_part
 from mt5backupd.receiver.s3store.publish import Publisher
 from mt5backupd.receiver.s3store.sessions import ABORT_WAIT_S, Sessions, State
 from mt5backupd.receiver.storage.api import DOWNLOAD_CHUNK_BYTES, Pruned, SessionRef
@@ -35,7 +36,6 @@ from mt5backupd.receiver.storage.errors import (
     SizeMismatch,
     StoreUnavailable,
     TooLarge,
-    UploadBusy,
 )
 from mt5backupd.receiver.storage.publish import check_metadata, check_name_and_kind
 from mt5backupd.records import BackupRecord
@@ -97,13 +97,14 @@ class S3Storage:
         self.publisher = Publisher(self.bucket, cfg)
         self.sessions = Sessions(self.bucket, part_size=cfg.part_size_bytes,
                                  max_upload_bytes=max_upload_bytes, partial_ttl_s=partial_ttl_s,
-                                 lock_args=self.publisher.lock_args, on_bytes=on_bytes)
+                                 lock_args=self.publisher.lock_args, on_bytes=on_bytes,
+                                 scratch_dir=cfg.scratch_dir)
         self.on_bytes = on_bytes
         self._records: dict[str, BackupRecord] = {}
         self.expiry = Expiry(self.bucket, self.sessions, partial_ttl_s)
 
     async def start(self) -> None:
-        pin_mmap_threshold()
+        scratch.preflight(self.cfg.scratch_dir)
         await self.bucket.open()
         try:
             await self.bucket.preflight()
@@ -135,10 +136,8 @@ class S3Storage:
                                           self.sessions.remove)
 
     async def commit(self, client: str, uid: str, sha256: str, size: int) -> BackupRecord:
-        lock = self.sessions.lock(client, uid)
-        if lock.locked():
-            raise UploadBusy(f"upload {uid} is receiving data on another connection")
-        async with lock:
+        async with self.sessions.locks.hold(
+                client, uid, busy_message=f"upload {uid} is receiving data on another connection"):
             st = await self.sessions.load(client, uid)
             if st.sha256 is None:  # not verified by an earlier attempt yet
                 await self._verify_and_seal(st, sha256.lower(), size)
@@ -175,12 +174,11 @@ class S3Storage:
             await self.sessions.remove(st)
             raise ChecksumMismatch(sha256, actual)
         if tail:
-            writer = PartWriter(self.bucket, st.key, st.upload_id, self.cfg.part_size_bytes,
-                                hasher, st.offset, st.parts_bytes, lambda _n: None,
-                                parts=st.parts)
-            writer.preload(tail)
-            await writer.flush()
-            st.hash_state = writer.hasher.state()
+            number = st.parts[-1].number + 1 if st.parts else 1
+            md5 = await asyncio.to_thread(content_md5, tail) if st.part_md5 else None
+            etag = await upload_part(self.bucket, st.key, st.upload_id, number, tail, md5)
+            st.parts.append(Part(number, etag, len(tail)))
+            st.hash_state = final.state()
             old_tail, st.tail_key, st.tail_size = st.tail_key, None, 0
         else:
             old_tail = None
@@ -190,16 +188,10 @@ class S3Storage:
             await self.sessions._delete_quietly(old_tail)
 
     async def abort(self, client: str, uid: str) -> None:
-        lock = self.sessions.lock(client, uid)
-        try:
-            await asyncio.wait_for(lock.acquire(), ABORT_WAIT_S)
-        except TimeoutError:
-            raise UploadBusy(f"upload {uid} is still receiving data on another connection"
-                             ) from None
-        try:
+        async with self.sessions.locks.hold(
+                client, uid, wait_s=ABORT_WAIT_S,
+                busy_message=f"upload {uid} is still receiving data on another connection"):
             await self.sessions.remove(await self.sessions.load(client, uid))
-        finally:
-            lock.release()
 
     # ---- one-shot uploads ----
 
@@ -211,24 +203,30 @@ class S3Storage:
         # the creation time in the name: expiry ages a one-shot upload cut short by a crash
         key = self.keys.temp(client, f"{int(time.time())}-{secrets.token_hex(16)}")
         mpu = await self.bucket.call("create_multipart", "create_multipart_upload", Key=key)
-        writer = PartWriter(self.bucket, key, str(mpu["UploadId"]), self.cfg.part_size_bytes,
-                            ResumableSha256(), limit, 0, self.on_bytes)
+        writer = PartWriter(self.bucket, key, str(mpu["UploadId"]),
+                            part_size=self.cfg.part_size_bytes, hasher=ResumableSha256(),
+                            limit=limit, offset=0, on_bytes=self.on_bytes,
+                            scratch_dir=self.cfg.scratch_dir)
         try:
             async for chunk in chunks:
                 await writer.feed(chunk)
-            if writer.buffered or not writer.parts:
+            await writer.drain()
+            if writer.pending_bytes or not writer.parts:
                 await writer.flush()
             await self.bucket.call(
                 "complete_multipart", "complete_multipart_upload", Key=key,
                 UploadId=writer.upload_id, MultipartUpload={"Parts": [
                     {"PartNumber": p.number, "ETag": p.etag} for p in writer.parts]})
         except BaseException:
+            await writer.close()  # no part still on its way when the upload is aborted
             try:
                 await self.bucket.call("abort_multipart", "abort_multipart_upload", Key=key,
                                        UploadId=writer.upload_id, expect=("NoSuchUpload",))
             except Exception:  # noqa: BLE001 - best effort; expiry aborts what is left
                 logger.info("could not abort {}; expiry will", key)
             raise
+        finally:
+            await writer.close()
         return S3Temp(client, key, writer.offset, writer.hasher.hexdigest())
 
     async def publish_temp(self, temp: Any, name: str, kind: str, metadata: Any,
