@@ -22,6 +22,7 @@ from mt5backupd.receiver.s3store import scratch
 from mt5backupd.receiver.s3store.conn import Bucket, RequestCallback, content_md5, list_pages
 from mt5backupd.receiver.s3store.expiry import Expiry
 from mt5backupd.receiver.s3store.hashstate import ResumableSha256
+from mt5backupd.receiver.s3store.health import HealthProbe
 from mt5backupd.receiver.s3store.keys import RECORD_NAME
 from mt5backupd.receiver.s3store.parts import Part, PartWriter, upload_part
 from mt5backupd.receiver.s3store.publish import Publisher
@@ -34,7 +35,6 @@ from mt5backupd.receiver.storage.errors import (
     NotFound,
     ObjectLocked,
     SizeMismatch,
-    StoreUnavailable,
     TooLarge,
 )
 from mt5backupd.receiver.storage.publish import check_metadata, check_name_and_kind
@@ -100,6 +100,7 @@ class S3Storage:
                                  lock_args=self.publisher.lock_args, on_bytes=on_bytes,
                                  scratch_dir=cfg.scratch_dir)
         self.on_bytes = on_bytes
+        self.health_probe = HealthProbe(self.bucket)
         self._records: dict[str, BackupRecord] = {}
         self.expiry = Expiry(self.bucket, self.sessions, partial_ttl_s)
 
@@ -376,12 +377,8 @@ class S3Storage:
         return await self.expiry.run(now)
 
     async def health(self) -> dict[str, Any]:
-        state = {"backend": self.name, "bucket": self.cfg.bucket,
-                 "endpoint_url": self.cfg.endpoint_url, "free_bytes": None,
-                 "object_lock_days": self.cfg.object_lock_days}
-        try:
-            await self.bucket.call("head", "head_bucket")
-        except StoreUnavailable as exc:
-            return {**state, "state": "unreachable", "error": str(exc)}
-        return {**state, "state": "ok"}
+        """For the public /health: whether the bucket answers (s3store/health), nothing that
+        names the bucket, the endpoint or the store's errors."""
+        return {"backend": self.name, "state": await self.health_probe.state(),
+                "free_bytes": None, "object_lock": bool(self.cfg.object_lock_days)}
 
