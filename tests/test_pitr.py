@@ -426,7 +426,7 @@ async def test_local_wal_goes_with_the_rotated_base_backups(
 async def test_a_changed_wal_object_is_refused_by_its_sha256(
         pitr: Pitr, wal_service: WalService, tmp_path: Path) -> None:
     """Every object's sha256 is checked: one changed byte in a stored WAL object stops the
-    restore with exit 6, naming the object."""
+    restore with exit 6, naming the object, and leaves no half-restored data directory."""
     assert (await run_base(pitr.cfg)).ok
     committed = _insert(pitr.pg, "x")
     await wait_until(lambda: _uploaded_beyond(pitr.cfg, committed), 10, "WAL shipped")
@@ -439,3 +439,9 @@ async def test_a_changed_wal_object_is_refused_by_its_sha256(
     with pytest.raises(ChecksumMismatchError, match=f"{victim.id}: sha256 mismatch") as info:
         await restore_pitr(pitr.cfg, "latest", tmp_path / "target", to_time=None)
     assert info.value.exit_code == 6
+    assert not (tmp_path / "target").exists()  # made by the restore: removed, no half data dir
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ChecksumMismatchError):
+        await restore_pitr(pitr.cfg, "latest", empty, to_time=None)
+    assert list(empty.iterdir()) == []  # given empty: left empty

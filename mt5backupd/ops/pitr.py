@@ -143,8 +143,10 @@ class PitrResult:
                 "postgres user first if you are root)")
 
 
-def _check_target_dir(target_dir: Path) -> None:
-    if target_dir.exists():
+def _check_target_dir(target_dir: Path) -> bool:
+    """Refuse a non-empty target; make it (0700). Whether it was created here."""
+    created = not target_dir.exists()
+    if not created:
         if not target_dir.is_dir():
             raise PitrRefused(f"--target-dir {target_dir} exists and is not a directory")
         if any(target_dir.iterdir()):
@@ -152,6 +154,19 @@ def _check_target_dir(target_dir: Path) -> None:
                               "empty directory")
     target_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     target_dir.chmod(0o700)
+    return created
+
+
+def _undo_target_dir(target_dir: Path, created: bool) -> None:
+    """Back to how the restore found it: gone if it made it, else empty."""
+    if created:
+        shutil.rmtree(target_dir, ignore_errors=True)
+        return
+    for entry in target_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _plain_stream(path: Path, identities: Sequence[x25519.Identity]) -> Any:
@@ -208,47 +223,62 @@ async def restore_pitr(cfg: Config, ref: str, target_dir: Path, *, to_time: str 
                 and not identities:
             raise NoIdentityError(f"{base.id} or its WAL is encrypted (age); give --identity "
                                   "PATH or set [encryption] identity_file; nothing was written")
-        _check_target_dir(target_dir)
-        staging = target_dir / DOWNLOAD_SUBDIR
-        staging.mkdir(mode=0o700)
-        base_path = await _fetch(cat, client, base.id, base.sha256, staging)
-        logger.info("extracting base backup {} into {}", base.id, target_dir)
-        await asyncio.to_thread(extract_base, base_path, target_dir, identities)
-        manifest = (target_dir / MANIFEST_MEMBER).read_bytes()
-        needs = wal_range(manifest, cat.segment_bytes.get(base.id, DEFAULT_SEGMENT_BYTES))
-        chain = wal_chain(needs["start_segment"], needs["end_segment"], cat.wal, target)
-        wal_dir = target_dir / WAL_SUBDIR
-        wal_dir.mkdir(mode=0o700)
-        # two at a time: hashing and decoding release the GIL, so both cores work (and two
-        # 16 MiB segments is all the memory it takes)
-        slots = asyncio.Semaphore(WAL_FETCH_CONCURRENCY)
-
-        async def fetch_segment(obj: WalRef) -> None:
-            async with slots:
-                path = await _fetch(cat, client, obj.id, obj.sha256, staging)
-                data = await asyncio.to_thread(read_plain, path, identities)
-                await asyncio.to_thread((wal_dir / obj.segment).write_bytes, data)
-                if client is not None:
-                    path.unlink()
-
-        tasks = [asyncio.create_task(fetch_segment(obj)) for obj in chain]
+        created = _check_target_dir(target_dir)
         try:
-            await asyncio.gather(*tasks)
-        except BaseException:  # the first failure (a sha256 mismatch...) stops the rest
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            chain = await _restore_into(cat, client, base, target_dir, target, identities)
+        except BaseException:
+            # a half-restored data directory must not be mistaken for a restore (started by
+            # hand it would come up wrong or not at all): it was new or empty, so it is again
+            await asyncio.to_thread(_undo_target_dir, target_dir, created)
+            logger.error("PITR restore into {} failed; the directory was emptied", target_dir)
             raise
-        shutil.rmtree(staging)
-        (target_dir / "recovery.signal").touch()
-        with (target_dir / "postgresql.auto.conf").open("a", encoding="utf-8") as conf:
-            conf.write(recovery_settings(target_dir, target))
     finally:
         if client is not None:
             await client.close()
     logger.info("PITR restore of {} ready in {}", base.id, target_dir)
     return PitrResult(base.id, target_dir, target, utc_assumed, len(chain), win.text(),
                       time.monotonic() - t0, chain[-1].segment, chain[-1].upto)
+
+
+async def _restore_into(cat: Catalog, client: ReceiverClient | None, base: BaseRef,
+                        target_dir: Path, target: datetime | None,
+                        identities: Sequence[x25519.Identity]) -> list[WalRef]:
+    """Base, WAL and recovery settings into the (new or empty) ``target_dir``; the WAL chain."""
+    staging = target_dir / DOWNLOAD_SUBDIR
+    staging.mkdir(mode=0o700)
+    base_path = await _fetch(cat, client, base.id, base.sha256, staging)
+    logger.info("extracting base backup {} into {}", base.id, target_dir)
+    await asyncio.to_thread(extract_base, base_path, target_dir, identities)
+    manifest = (target_dir / MANIFEST_MEMBER).read_bytes()
+    needs = wal_range(manifest, cat.segment_bytes.get(base.id, DEFAULT_SEGMENT_BYTES))
+    chain = wal_chain(needs["start_segment"], needs["end_segment"], cat.wal, target)
+    wal_dir = target_dir / WAL_SUBDIR
+    wal_dir.mkdir(mode=0o700)
+    # two at a time: hashing and decoding release the GIL, so both cores work (and two
+    # 16 MiB segments is all the memory it takes)
+    slots = asyncio.Semaphore(WAL_FETCH_CONCURRENCY)
+
+    async def fetch_segment(obj: WalRef) -> None:
+        async with slots:
+            path = await _fetch(cat, client, obj.id, obj.sha256, staging)
+            data = await asyncio.to_thread(read_plain, path, identities)
+            await asyncio.to_thread((wal_dir / obj.segment).write_bytes, data)
+            if client is not None:
+                path.unlink()
+
+    tasks = [asyncio.create_task(fetch_segment(obj)) for obj in chain]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:  # the first failure (a sha256 mismatch...) stops the rest
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    shutil.rmtree(staging)
+    (target_dir / "recovery.signal").touch()
+    with (target_dir / "postgresql.auto.conf").open("a", encoding="utf-8") as conf:
+        conf.write(recovery_settings(target_dir, target))
+    return chain
 
 
 async def _fetch(cat: Catalog, client: ReceiverClient | None, object_id: str, sha256: str,
