@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from mt5backupd.backup import spool
+from mt5backupd.backup.dump import pg_dump_argv, run_dump
 from mt5backupd.backup.run import run_backup
 from mt5backupd.backup.runlock import RunLock
 from mt5backupd.backup.runstart import RunStart, dump_may_start_early
@@ -105,6 +107,45 @@ async def test_preflight_failure_stops_the_early_pg_dump(backup_setup: BackupSet
     assert process_gone(pid)
     assert [p.name for p in cfg.local.dir.iterdir() if not p.name.startswith(".")] == []
     RunLock(cfg.local.dir).acquire()  # released: a second run could take it
+
+
+async def test_a_dump_that_fails_before_its_pump_is_ended_and_heard(
+        backup_setup: BackupSetup, tmp_path: Path) -> None:
+    """Handed over and then never pumped (the pump fails at once): run_dump still ends it, its
+    pipe and drain file closed; stopped before any pump, its stderr is logged, not lost."""
+    wrapper, log = recording_pg_dump(tmp_path, backup_setup.cfg.database.pg_dump)
+    cfg = backup_setup.with_(database={"pg_dump": str(wrapper)})
+    start = RunStart(cfg)
+    await start.begin()
+    spawned = await start.take_dump(pg_dump_argv(cfg.database))
+    assert spawned is not None and spawned.drain is not None
+
+    def failing_pump(_source: object, _on_read: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        await run_dump(spawned.argv, {}, failing_pump, stall_timeout_s=60, spawned=spawned)
+    (pid,) = started_pids(log)
+    assert process_gone(pid)
+    assert spawned.closed
+    assert not spawned.drain._thread.is_alive()
+    await spawned.stop()  # idempotent
+    await start.close()
+
+    talker = tmp_path / "talker"
+    real = backup_setup.cfg.database.pg_dump
+    talker.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && exec '{real}' \"$@\"\n"
+                      "echo 'pg_dump: error: the reason it failed' >&2\nexit 1\n")
+    talker.chmod(0o755)
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
+    try:
+        start = RunStart(backup_setup.with_(database={"pg_dump": str(talker)}))
+        await start.begin()
+        await start.close()
+    finally:
+        logger.remove(sink)
+    assert any("stopped before use" in line and "the reason it failed" in line for line in lines)
 
 
 async def test_no_pg_dump_while_another_run_holds_the_lock(backup_setup: BackupSetup,

@@ -111,8 +111,13 @@ async def database_spec(cfg: Config, start: RunStart) -> ShipSpec:
 
     async def produce(spooled: compress.Writable) -> ProduceStats:
         if from_stream:
-            return await _produce_counting_stream(db, password, spooled, server.tables,
-                                                  start.take_dump(pg_dump_argv(db)))
+            spawned = await start.take_dump(pg_dump_argv(db))
+            try:
+                return await _produce_counting_stream(db, password, spooled, server.tables,
+                                                      spawned)
+            finally:
+                if spawned is not None:  # ended by run_dump already, unless it never got there
+                    await spawned.stop()
         return await _produce_in_snapshot(db, password, spooled)
 
     async def verify(path: Path, identities: Sequence[x25519.Identity]) -> None:
@@ -140,9 +145,13 @@ async def _produce_counting_stream(db: DatabaseConfig, password: Secret | None,
                              on_read, inspect=parser.feed)
 
     try:
-        with pg_child_env(db, password) as env:
-            stats = await run_dump(pg_dump_argv(db), env, pump,
+        if spawned is not None:  # started with its own passfile (backup/runstart)
+            stats = await run_dump(pg_dump_argv(db), {}, pump,
                                    stall_timeout_s=db.stall_timeout_s, spawned=spawned)
+        else:
+            with pg_child_env(db, password) as env:
+                stats = await run_dump(pg_dump_argv(db), env, pump,
+                                       stall_timeout_s=db.stall_timeout_s)
         counts = parser.finish()
     except customformat.FramingError as exc:
         raise Mt5BackupError(f"pg_dump's output is not a complete custom-format archive, "

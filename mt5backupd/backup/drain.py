@@ -22,6 +22,7 @@ from pathlib import Path
 DRAIN_MAX_BYTES = 256 * 1024 * 1024
 READ_BYTES = 1024 * 1024
 POLL_S = 0.05  # how soon the thread sees the pump's "stop"
+JOIN_TIMEOUT_S = 30.0  # a drain thread that does not end by then is stuck in a write
 
 
 class EarlyDrain:
@@ -30,6 +31,7 @@ class EarlyDrain:
 
     def __init__(self, read_fd: int, directory: Path, max_bytes: int = DRAIN_MAX_BYTES) -> None:
         self.read_fd = read_fd
+        self.directory = directory
         self.max_bytes = max_bytes
         self.drained_bytes = 0
         self.eof = False
@@ -41,9 +43,10 @@ class EarlyDrain:
 
     def _run(self) -> None:
         fd = self._file.fileno()
+        poller = select.poll()  # not select(): any fd number
+        poller.register(self.read_fd, select.POLLIN)
         while not self._stop.is_set() and self.drained_bytes < self.max_bytes:
-            ready, _, _ = select.select([self.read_fd], [], [], POLL_S)
-            if not ready:
+            if not poller.poll(POLL_S * 1000):
                 continue
             chunk = os.read(self.read_fd, min(READ_BYTES, self.max_bytes - self.drained_bytes))
             if not chunk:
@@ -63,7 +66,11 @@ class EarlyDrain:
         """End the drain (waits up to one poll) and return ``read(n)``: the drained bytes in
         order, then whatever else pg_dump writes to the pipe."""
         self._stop.set()
-        self._thread.join()
+        self._thread.join(JOIN_TIMEOUT_S)
+        if self._thread.is_alive():  # a write stuck on a hung disk: no safe hand-over
+            raise TimeoutError(f"pg_dump's early output could not be taken over from its "
+                               f"scratch file in {self.directory} within {JOIN_TIMEOUT_S:.0f} s "
+                               "(a hung disk?)")
         fd = self._file.fileno()
         os.lseek(fd, 0, os.SEEK_SET)
         pending = [self._unwritten] if self._unwritten else []
@@ -87,6 +94,7 @@ class EarlyDrain:
         """Stop the thread if it runs and drop the scratch file (idempotent)."""
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join()
-        with contextlib.suppress(OSError):
-            self._file.close()
+            self._thread.join(JOIN_TIMEOUT_S)
+        if not self._thread.is_alive():  # else the stuck thread still owns it; it is unlinked
+            with contextlib.suppress(OSError):
+                self._file.close()

@@ -29,6 +29,7 @@ from mt5backupd.errors import ConfigError, Mt5BackupError
 
 PIPE_BYTES = 1024 * 1024
 TERM_GRACE_S = 5.0
+STDERR_WAIT_S = 1.0  # for the last words of a tool stopped before it was pumped
 _VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 
 
@@ -197,21 +198,31 @@ class SpawnedDump:
     read_fd: int
     started: float  # time.monotonic() of the spawn
     drain: EarlyDrain | None = None  # what it writes before the pump, kept in a scratch file
+    closed: bool = False  # read_fd closed (stop() is idempotent)
 
     def start_draining(self, directory: Path) -> None:
         """Keep pg_dump writing until the pump takes over (backup/drain)."""
         self.drain = EarlyDrain(self.read_fd, directory)
 
-    async def stop(self) -> None:
-        """Stop a dump that will not be pumped (its run failed before): the tool is gone and
-        the pipe closed on return."""
+    async def stop(self, *, tool: str = "pg_dump") -> None:
+        """The tool gone, its drain ended, the pipe closed; safe to call again, and after a
+        pumped run (then only the leftovers go). What a tool stopped before it was pumped
+        wrote to stderr (its own failure, say) is logged, not lost."""
         try:
             await _stop_group(self.proc)  # EOF (or a closed pipe) ends a drain's read too
+            if self.proc.stderr is not None and not self.proc.stderr.at_eof():
+                with contextlib.suppress(Exception):
+                    text = await asyncio.wait_for(self.proc.stderr.read(), STDERR_WAIT_S)
+                    for line in text.decode(errors="replace").splitlines():
+                        if line.strip():
+                            logger.warning("{} (stopped before use): {}", tool, line.rstrip())
         finally:
             if self.drain is not None:
                 await asyncio.get_running_loop().run_in_executor(None, self.drain.close)
-            with contextlib.suppress(OSError):
-                os.close(self.read_fd)
+            if not self.closed:
+                self.closed = True
+                with contextlib.suppress(OSError):
+                    os.close(self.read_fd)
 
 
 async def spawn_dump(argv: list[str], env: Mapping[str, str], *,
@@ -225,8 +236,10 @@ async def spawn_dump(argv: list[str], env: Mapping[str, str], *,
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd,
             stderr=asyncio.subprocess.PIPE, env=dict(env), start_new_session=True,
         )
-    except OSError as exc:
+    except BaseException as exc:
         os.close(read_fd)
+        if not isinstance(exc, OSError):
+            raise
         section = "[database]" if tool == "pg_dump" else "[wal]"
         why = "not found" if isinstance(exc, FileNotFoundError) else \
             f"cannot be run ({exc.strerror or exc})"
@@ -252,10 +265,18 @@ async def run_dump(
     Raises DumpFailed on a non-zero exit, a signal or a stall; re-raises whatever the pump
     raised (disk full, ...) after stopping pg_dump. Either way pg_dump is gone on return.
     """
-    stats = stats or DumpStats()
-    loop = asyncio.get_running_loop()
     if spawned is None:
         spawned = await spawn_dump(argv, env, tool=tool)
+    try:  # from here on the dump is ours to end, whatever happens
+        return await _pump_dump(spawned, pump, stall_timeout_s, stats or DumpStats(), tool)
+    finally:
+        await spawned.stop(tool=tool)
+
+
+async def _pump_dump(spawned: SpawnedDump,
+                     pump: Callable[[ReadSource, Callable[[int], None]], int],
+                     stall_timeout_s: float, stats: DumpStats, tool: str) -> DumpStats:
+    loop = asyncio.get_running_loop()
     proc, read_fd, started = spawned.proc, spawned.read_fd, spawned.started
     source: ReadSource = read_fd
     if spawned.drain is not None:  # its early bytes wait in a scratch file: those first
@@ -313,7 +334,6 @@ async def run_dump(
             stderr_task.cancel()
         with contextlib.suppress(BaseException):
             await stderr_task
-        os.close(read_fd)
         stats.duration_s = time.monotonic() - started
         stats.stderr_tail = list(tail)
     if stalled:

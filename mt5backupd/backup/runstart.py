@@ -98,11 +98,12 @@ class RunStart:
             await self.close()
             raise
 
-    def take_dump(self, argv: list[str]) -> SpawnedDump | None:
-        """The started pg_dump if it runs ``argv``; None when there is none (start one)."""
+    async def take_dump(self, argv: list[str]) -> SpawnedDump | None:
+        """The started pg_dump, now the caller's to end, if it runs ``argv``; None when there
+        is none (start one). One that runs something else is stopped first: never two."""
         dump, self._dump = self._dump, None
         if dump is not None and dump.argv != argv:
-            self._dump = dump  # not the dump wanted: stopped on exit
+            await dump.stop()
             return None
         return dump
 
@@ -114,11 +115,11 @@ class RunStart:
 
     async def close(self) -> None:
         """Stop a pg_dump nobody took, remove its passfile, release the lock (idempotent)."""
+        dump, self._dump = self._dump, None  # before any await: a second close never sees it
         try:
-            if self._dump is not None:
+            if dump is not None:
                 logger.debug("stopping the pg_dump started for this run: the run did not use it")
-                await self._dump.stop()
-                self._dump = None
+                await dump.stop()
         finally:
             self._env.close()
             self.lock.release()
