@@ -173,6 +173,17 @@ def s3_replica(workdir: Path, moto: MotoS3, bucket: str, env: dict[str, str],
         bucket, scratch_dir=f'"{workdir / "scratch"}"'))
 
 
+def own_fds() -> list[tuple[str, str]]:
+    """(path under /proc/self/fd, what it points at) of this process's open files."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.append((f"/proc/self/fd/{fd}", os.readlink(f"/proc/self/fd/{fd}")))
+        except FileNotFoundError:  # the directory listing's own, already closed
+            continue
+    return found
+
+
 def scratch_fds(pid: int, scratch: Path) -> list[str]:
     """The receiver's open files in its scratch dir (an unlinked file shows as "(deleted)")."""
     found = []
@@ -278,3 +289,54 @@ async def test_scratch_full_or_gone_is_507_and_leaves_nothing(
         await running.close()
     with pytest.raises(ConfigError, match="scratch_dir"):
         await in_process(cfg)
+
+
+async def test_a_part_changed_on_the_scratch_disk_is_never_sent(
+        tmp_path: Path, moto_s3: MotoS3, s3_env: dict[str, str]) -> None:
+    """Bytes that change in the scratch file between their arrival and their upload (a bad
+    disk) are caught against the part's SHA-256 as received: 503, the part is not saved, and
+    the client's resend from the durable offset completes with the right sha256."""
+    target = urlsplit(moto_s3.url)
+    switch = StoreSwitch(str(target.hostname), int(target.port or 80))
+    await switch.on()
+    bucket = moto_s3.new_bucket()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    cfg = s3_receiver_cfg(receiver_config(tmp_path), moto_s3, bucket, endpoint_url=switch.url,
+                          scratch_dir=scratch)
+    tokens = make_tokens(cfg.tokens_file)
+    metrics = ReceiverMetrics()
+    running = await in_process(cfg, metrics)
+    data = os.urandom(3 * PART + 123)
+    received = metrics.bytes_received._value
+    try:
+        async with aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {tokens.alice}"}) as http:
+            uid = await create(http, running.url, "bitrot.dump")
+            switch.hold(budget_bytes=256 * 1024)
+
+            async def patch() -> int:
+                async with http.patch(f"{running.url}/api/v1/uploads/{uid}",
+                                      data=chunked(data), headers={"Upload-Offset": "0"}) as resp:
+                    return resp.status
+
+            sending = asyncio.create_task(patch())
+            try:
+                await wait_until(lambda: received.get() >= 2 * PART, 20,
+                                 "part 2 received while part 1 is held")
+                # part 2 waits in the second slot of the (unlinked) scratch file: change a byte
+                (path,) = [fd for fd, to in own_fds() if to.startswith(str(scratch))]
+                with open(path, "r+b") as scratch_file:
+                    scratch_file.seek(PART + PART // 2)
+                    byte = scratch_file.read(1)
+                    scratch_file.seek(PART + PART // 2)
+                    scratch_file.write(bytes([byte[0] ^ 0xFF]))
+            finally:
+                switch.release()
+            assert await sending == 503
+            assert durable_parts(moto_s3, bucket, uid) == [PART]  # part 1 only
+            await finish(http, running.url, uid, data, await offset_of(http, running.url, uid))
+    finally:
+        switch.release()
+        await running.close()
+        await switch.off()

@@ -11,6 +11,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +71,40 @@ def boto_config(cfg: StorageConfig) -> BotoConfig:
         # newer botocore adds to every request; the receiver verifies sha256 itself.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        s3={"addressing_style": cfg.addressing_style},
+        # always sign the payload's SHA-256, whatever an AWS config file says: it is how every
+        # part is checked against the bytes we received (PART_SHA256 below)
+        s3={"addressing_style": cfg.addressing_style, "payload_signing_enabled": True},
         # standard mode: 3 attempts unless AWS_MAX_ATTEMPTS (or the AWS config file) says
         retries={"mode": "standard"},
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
         max_pool_connections=64,
     )
+
+
+# The SHA-256 of a part as received, set by the task that uploads it: botocore signs the hash of
+# what it read from the scratch file, the store checks the body against that, and this check ties
+# the two together, so bytes changed on the scratch disk (or sent from the wrong place) never
+# become a part.
+PART_SHA256: ContextVar[str | None] = ContextVar("part_sha256", default=None)
+
+
+class PartChanged(StoreUnavailable):
+    """A part read back for its upload is not what was received: 503, the client sends again
+    from the durable offset (nothing of it was saved)."""
+
+
+def check_part_payload(request: Any, **_kwargs: Any) -> None:
+    expected = PART_SHA256.get()
+    if expected is None:
+        return
+    signed = request.headers.get("X-Amz-Content-SHA256")
+    if isinstance(signed, bytes):
+        signed = signed.decode("ascii", "replace")
+    if signed != expected:
+        logger.error("a part read back from the scratch file differs from what was received "
+                     "(sha256 {} vs {}); not sent", signed, expected)
+        raise PartChanged("receiver scratch data changed before its upload")
 
 
 class Bucket:
@@ -99,6 +127,7 @@ class Bucket:
         self._client = await self._stack.enter_async_context(session.create_client(
             "s3", endpoint_url=self.cfg.endpoint_url, region_name=self.cfg.region,
             config=boto_config(self.cfg)))
+        self._client.meta.events.register("before-send.s3.UploadPart", check_part_payload)
 
     async def close(self) -> None:
         await self._stack.aclose()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mt5backupd.receiver.s3store.conn import Bucket
+from mt5backupd.receiver.s3store.conn import PART_SHA256, Bucket
 from mt5backupd.receiver.s3store.hashstate import ResumableSha256
 from mt5backupd.receiver.s3store.scratch import ScratchFile
 from mt5backupd.receiver.storage.errors import TooLarge
@@ -90,6 +90,7 @@ class PartWriter:
         self._fill = 0  # bytes of the filling slot handed to the writer thread
         self._with_md5 = content_md5
         self._md5 = hashlib.md5(usedforsecurity=False)
+        self._part_sha256 = hashlib.sha256()  # of the filling slot as received (conn.PART_SHA256)
         self._batch: list[bytes] = []
         self._batch_bytes = 0
         self._pending: list[asyncio.Future[None]] = []  # one batch's write+sha256 (and md5)
@@ -156,12 +157,13 @@ class PartWriter:
         at = self._slot * self.part_size + self._fill
         self._fill += self._batch_bytes
         self._batch_bytes = 0
-        md5, hasher = self._md5, self.hasher
+        md5, hasher, part_hash = self._md5, self.hasher, self._part_sha256
 
         def write_and_hash() -> None:
             scratch.write(chunks, at)
             for chunk in chunks:
                 hasher.update(chunk)
+                part_hash.update(chunk)
 
         def digest() -> None:
             for chunk in chunks:
@@ -182,16 +184,20 @@ class PartWriter:
             raise TooLarge(f"upload needs more than {MAX_PARTS} parts of {self.part_size} bytes")
         size, snapshot = self._fill, self.hasher.state()
         md5 = _md5_b64(self._md5) if self._with_md5 else None
+        sha256 = self._part_sha256.hexdigest()
         await self._wait_upload()
-        self._upload = asyncio.create_task(self._send(self._slot, size, md5, number, snapshot))
+        self._upload = asyncio.create_task(self._send(self._slot, size, md5, number, snapshot,
+                                                      sha256))
         self._next_number += 1
         self._slot = (self._slot + 1) % SLOTS
         self._fill = 0
         self._md5 = hashlib.md5(usedforsecurity=False)
+        self._part_sha256 = hashlib.sha256()
 
-    async def _send(self, slot: int, size: int, md5: str | None, number: int, snapshot: bytes
-                    ) -> None:
+    async def _send(self, slot: int, size: int, md5: str | None, number: int, snapshot: bytes,
+                    sha256: str) -> None:
         body: Any = self._open().body(slot * self.part_size, size) if size else b""
+        PART_SHA256.set(sha256)  # this task's own context: checked when botocore sends it
         etag = await upload_part(self.bucket, self.key, self.upload_id, number, body, md5)
         self.parts.append(Part(number, etag, size))
         parts = list(self.parts)
@@ -247,19 +253,24 @@ class PartWriter:
                                        self._fill)
 
     async def close(self) -> None:
-        """Stop an upload still in flight (its part is simply not acknowledged), let the worker
-        threads end, remove the scratch file."""
+        """Let the state save of the last acknowledged part finish, stop an upload still in
+        flight (its part is simply not acknowledged), let the worker threads end, remove the
+        scratch file."""
         pending, self._pending = self._pending, []
         try:
-            for name in ("_upload", "_saving"):
-                task = getattr(self, name)
-                if task is None:
-                    continue
-                setattr(self, name, None)
-                task.cancel()
+            # the state save of an acknowledged part is let finish (a short conditional PUT,
+            # shielded even from our own cancellation): cut short, the durable offset would
+            # fall a part behind what the store holds
+            saving, self._saving = self._saving, None
+            if saving is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(saving)
+            upload, self._upload = self._upload, None
+            if upload is not None:
+                upload.cancel()
                 try:
                     with contextlib.suppress(Exception):  # the request failed already
-                        await task
+                        await upload
                 except asyncio.CancelledError:
                     current = asyncio.current_task()
                     if current is not None and current.cancelling():
