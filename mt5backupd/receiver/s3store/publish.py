@@ -112,12 +112,13 @@ class Publisher:
             return None
         return str(head["ETag"])
 
-    async def complete(self, key: str, upload_id: str, parts: list[Part]) -> None:
+    async def complete(self, key: str, upload_id: str, parts: list[Part]) -> str:
         """CompleteMultipartUpload, only if nothing is under ``key`` yet, or the object there
-        is this upload's own (an earlier attempt completed it). Conflict otherwise."""
+        is this upload's own (an earlier attempt completed it). Conflict otherwise. The ETag
+        of the object this upload made."""
         ours = multipart_etag([p.etag for p in parts])
         try:
-            await self.bucket.call(
+            resp = await self.bucket.call(
                 "complete_multipart", "complete_multipart_upload", Key=key, UploadId=upload_id,
                 MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": p.etag}
                                            for p in parts]},
@@ -126,36 +127,73 @@ class Publisher:
                         "InvalidPart", "InvalidPartOrder", "404"))
         except ClientError as exc:
             if await self._etag(key) == ours:
-                return  # completed by an earlier attempt of this very session
+                return ours  # completed by an earlier attempt of this very session
             if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
                 raise NotFound("upload not found") from None
             raise Conflict("another upload completed this backup name first") from None
+        return str(resp.get("ETag") or ours)
 
-    async def put_empty(self, key: str) -> None:
+    async def put_empty(self, key: str) -> str:
+        empty = '"d41d8cd98f00b204e9800998ecf8427e"'  # md5 of nothing
         try:
             await self.bucket.call("put", "put_object", Key=key, Body=b"",
                                    ContentMD5=content_md5(b""), IfNoneMatch="*",
                                    expect=("PreconditionFailed",), **self.lock_args())
         except ClientError:
-            if await self._etag(key) != '"d41d8cd98f00b204e9800998ecf8427e"':  # md5 of nothing
+            if await self._etag(key) != empty:
                 raise Conflict("another upload completed this backup name first") from None
+        return empty
+
+    async def _still_ours(self, key: str, etag: str) -> bool:
+        return await self._etag(key) == etag
 
     async def finish(self, client: str, name: str, kind: str, size: int, sha256: str,
-                     metadata: dict[str, Any]) -> BackupRecord:
-        """The data object is complete: retention, then the record (the commit point for
-        readers)."""
-        await self.retain(self.keys.data(client, name))
+                     metadata: dict[str, Any], etag: str) -> BackupRecord:
+        """The data object (``etag``, as our completion made it) is complete: retention, then
+        the record (the commit point for readers).
+
+        A store whose conditional completion is not atomic (moto's is not) can let two uploads
+        of one name both complete, the later one's bytes winning. Whatever the interleaving, a
+        record never stays naming bytes it does not describe: the data is checked to be ours
+        before our record is written (else 409, no record) and after (else ours is removed,
+        409); and when the name's record is another upload's while the data is ours, that
+        record no longer describes the data and is removed too (409). Left then: a data
+        object without a record, which no reader lists."""
+        key = self.keys.data(client, name)
+        if not await self._still_ours(key, etag):
+            raise Conflict("another upload completed this backup name first")
+        await self.retain(key)
         record = BackupRecord(id=name, client=client, name=name, kind=kind, size=size,
                               sha256=sha256, created=now_iso(), metadata=metadata)
-        return await self.write_record(record)
+        try:
+            written = await self.write_record(record)
+        except Conflict:
+            if await self._still_ours(key, etag):
+                await self._drop_record(client, name)
+            raise
+        if written is record and not await self._still_ours(key, etag):
+            await self._drop_record(client, name)
+            raise Conflict("another upload completed this backup name first")
+        return written
 
-    async def copy_into(self, src: str, client: str, name: str, size: int) -> None:
+    async def _drop_record(self, client: str, name: str) -> None:
+        """Remove a record whose data a racing completion replaced (see ``finish``)."""
+        record_key = self.keys.record(client, name)
+        logger.error("backup {} of {}: two uploads completed its data (the store's conditional "
+                     "completion is not atomic); its record no longer matches and is removed",
+                     name, client)
+        try:
+            await self.bucket.call("delete", "delete_object", Key=record_key)
+        except Exception:  # noqa: BLE001 - Object Lock, or the store away: say so
+            logger.error("could not remove {}: remove it by hand; it names bytes the object "
+                         "does not hold", record_key)
+
+    async def copy_into(self, src: str, client: str, name: str, size: int) -> str:
         """Server-side copy of a one-shot upload's temp object to its final name, completed
-        with the same conditional write as a resumable upload."""
+        with the same conditional write as a resumable upload; the new object's ETag."""
         dest = self.keys.data(client, name)
         if size == 0:
-            await self.put_empty(dest)
-            return
+            return await self.put_empty(dest)
         mpu = await self.bucket.call("create_multipart", "create_multipart_upload", Key=dest,
                                      ContentType="application/octet-stream", **self.lock_args())
         upload_id = str(mpu["UploadId"])
@@ -168,7 +206,7 @@ class Publisher:
                                               CopySource={"Bucket": self.bucket.name, "Key": src},
                                               CopySourceRange=f"bytes={start}-{end}")
                 parts.append(Part(number, str(resp["CopyPartResult"]["ETag"]), end - start + 1))
-            await self.complete(dest, upload_id, parts)
+            return await self.complete(dest, upload_id, parts)
         except BaseException:
             try:
                 await self.bucket.call("abort_multipart", "abort_multipart_upload", Key=dest,

@@ -151,11 +151,11 @@ class S3Storage:
                 await self.sessions.remove(st)
                 return same
             if st.offset == 0:
-                await self.publisher.put_empty(st.key)
+                etag = await self.publisher.put_empty(st.key)
             else:
-                await self.publisher.complete(st.key, st.upload_id, st.parts)
+                etag = await self.publisher.complete(st.key, st.upload_id, st.parts)
             record = await self.publisher.finish(client, st.name, st.kind, st.offset,
-                                                 st.sha256, st.metadata)
+                                                 st.sha256, st.metadata, etag)
             await self.sessions.remove(st)
             return record
 
@@ -242,9 +242,9 @@ class S3Storage:
                                                          temp.size)
             if same is not None:
                 return same
-            await self.publisher.copy_into(temp.key, temp.client, name, temp.size)
+            etag = await self.publisher.copy_into(temp.key, temp.client, name, temp.size)
             return await self.publisher.finish(temp.client, name, kind, temp.size, temp.sha256,
-                                               metadata)
+                                               metadata, etag)
         finally:
             await self.discard_temp(temp)
 
