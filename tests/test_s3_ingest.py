@@ -24,7 +24,7 @@ from mt5backupd.receiver.auth import TokenStore
 from mt5backupd.receiver.bodies import READ_BUFSIZE
 from mt5backupd.receiver.context import STORAGE_KEY
 from mt5backupd.receiver.metrics import ReceiverMetrics
-from mt5backupd.receiver.s3store import S3Storage
+from mt5backupd.receiver.s3store import S3Storage, conn, health
 from mt5backupd.receiver.s3store.hashstate import ResumableSha256
 from mt5backupd.receiver.server import RunningReceiver, start_receiver
 from mt5backupd.testkit.receiverproc import ReceiverProcess
@@ -335,6 +335,45 @@ async def test_a_part_changed_on_the_scratch_disk_is_never_sent(
                 switch.release()
             assert await sending == 503
             assert durable_parts(moto_s3, bucket, uid) == [PART]  # part 1 only
+            await finish(http, running.url, uid, data, await offset_of(http, running.url, uid))
+    finally:
+        switch.release()
+        await running.close()
+        await switch.off()
+
+
+async def test_a_frozen_store_is_a_503_in_bounded_time(
+        tmp_path: Path, moto_s3: MotoS3, s3_env: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that takes connections and then answers nothing (frozen, not down) is a 503
+    once a call's time bound passes, for a PATCH and for /health, never a request held for
+    good; it answers again when the store does (bounds shortened for the test)."""
+    monkeypatch.setattr(conn, "CALL_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(conn, "SLOWEST_BYTES_PER_S", 1 << 40)
+    monkeypatch.setattr(health, "PROBE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(health, "HEALTH_CACHE_S", 0.0)
+    target = urlsplit(moto_s3.url)
+    switch = StoreSwitch(str(target.hostname), int(target.port or 80))
+    await switch.on()
+    bucket = moto_s3.new_bucket()
+    cfg = s3_receiver_cfg(receiver_config(tmp_path), moto_s3, bucket, endpoint_url=switch.url)
+    tokens = make_tokens(cfg.tokens_file)
+    running = await in_process(cfg)
+    data = os.urandom(PART + 99)
+    try:
+        async with aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {tokens.alice}"}) as http:
+            uid = await create(http, running.url, "frozen.dump")
+            switch.hold(budget_bytes=0)
+            t0 = asyncio.get_running_loop().time()
+            async with http.patch(f"{running.url}/api/v1/uploads/{uid}", data=data,
+                                  headers={"Upload-Offset": "0"}) as resp:
+                assert resp.status == 503
+                assert resp.headers["Retry-After"].isdigit()
+            async with http.get(f"{running.url}/health") as resp:
+                assert resp.status == 503
+            assert asyncio.get_running_loop().time() - t0 < 20
+            switch.release()
             await finish(http, running.url, uid, data, await offset_of(http, running.url, uid))
     finally:
         switch.release()

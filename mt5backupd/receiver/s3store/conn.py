@@ -4,6 +4,7 @@ into ``StoreUnavailable`` (503 with Retry-After, never a 500), and the start-up 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -32,6 +33,8 @@ RequestCallback = Callable[[str, str, float], None]
 SYSTEMD_CREDENTIAL_NAME = "s3-credentials"
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
+CALL_TIMEOUT_S = 120.0  # one call, botocore's retries included
+SLOWEST_BYTES_PER_S = 128 * 1024  # part uploads get their size at this rate on top
 
 
 def error_code(exc: ClientError) -> str:
@@ -133,15 +136,27 @@ class Bucket:
         await self._stack.aclose()
         self._client = None
 
+    def call_timeout_s(self, method: str) -> float:
+        """The most one call may take, retries included: botocore's read timeout does not
+        cover every wait (a store that accepts a connection and then freezes held an upload
+        for 11 minutes), and a stuck call holds its upload's lock. Part uploads get time for
+        their bytes at a slow 128 KiB/s on top."""
+        if method in ("upload_part", "put_object"):
+            return CALL_TIMEOUT_S + self.cfg.part_size_bytes / SLOWEST_BYTES_PER_S
+        return CALL_TIMEOUT_S
+
     async def call(self, op: str, method: str, *, expect: tuple[str, ...] = (),
-                   **params: Any) -> Any:
+                   timeout_s: float | None = None, **params: Any) -> Any:
         """``client.<method>(Bucket=..., **params)``. A ClientError whose code is in ``expect``
         (or a 404 when "404" is) is raised as it is, for the caller to handle; any other
-        failure to get an answer is StoreUnavailable."""
+        failure to get an answer, or none within ``timeout_s`` (default ``call_timeout_s``),
+        is StoreUnavailable."""
         start = time.monotonic()
         result = "ok"
         try:
-            return await getattr(self._client, method)(Bucket=self.name, **params)
+            return await asyncio.wait_for(
+                getattr(self._client, method)(Bucket=self.name, **params),
+                timeout_s if timeout_s is not None else self.call_timeout_s(method))
         except ClientError as exc:
             code = error_code(exc)
             if code in expect or (error_status(exc) == 404 and "404" in expect):

@@ -17,6 +17,7 @@ from mt5backupd.receiver.s3store.conn import Bucket
 from mt5backupd.receiver.storage.errors import StoreUnavailable
 
 HEALTH_CACHE_S = 2.0
+PROBE_TIMEOUT_S = 5.0  # a load balancer's probe wants its answer in seconds
 STATE_OK, STATE_UNREACHABLE = "ok", "unreachable"
 
 
@@ -38,7 +39,7 @@ class HealthProbe:
         async with self._lock:  # the first prober asks the store; the others wait for it
             if not self._fresh():
                 try:
-                    await self.bucket.call("head", "head_bucket")
+                    await self.bucket.call("head", "head_bucket", timeout_s=PROBE_TIMEOUT_S)
                     state = STATE_OK
                 except StoreUnavailable as exc:
                     state = STATE_UNREACHABLE

@@ -176,7 +176,7 @@ class Sessions:
 
     async def save(self, st: State, *, create: bool = False) -> None:
         body = json.dumps(st.to_json()).encode()
-        cond = {"IfNoneMatch": "*"} if create else {"IfMatch": st.etag}
+        cond: dict[str, Any] = {"IfNoneMatch": "*"} if create else {"IfMatch": st.etag}
         try:
             resp = await self.bucket.call(
                 "put", "put_object", Key=self.keys.session_state(st.client, st.uid), Body=body,
