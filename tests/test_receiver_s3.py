@@ -334,8 +334,9 @@ async def test_abort_and_expiry_abort_multipart_uploads_on_s3(
 
 async def test_expiry_removes_stray_tails_and_tmp_leftovers_and_locks_stay_bounded(
         tmp_path: Path, moto_s3: MotoS3, s3_env: dict[str, str]) -> None:
-    """Expiry removes tail objects no session points at and tmp/ objects a crash left, once
-    older than partial_ttl_s, and keeps the tail of a session in use; a replica's per-upload
+    """Expiry removes tail objects no session points at, tmp/ objects a crash left and data
+    objects that never got their record (freeing their name), once older than partial_ttl_s,
+    and keeps the tail of a session in use and every recorded backup; a replica's per-upload
     locks are gone once its requests end (expiry looking at sessions adds none)."""
     bucket = moto_s3.new_bucket()
     cfg = s3_receiver_cfg(receiver_config(tmp_path, partial_ttl_s=600.0), moto_s3, bucket)
@@ -352,8 +353,12 @@ async def test_expiry_removes_stray_tails_and_tmp_leftovers_and_locks_stay_bound
             async with http.patch(f"{running.url}/api/v1/uploads/{uid}", data=b"t" * 1000,
                                   headers={"Upload-Offset": "0"}) as resp:
                 assert resp.status == 204
+            async with http.post(f"{running.url}/api/backup/upload?name=kept.dump",
+                                 data=b"k" * 10) as resp:
+                assert resp.status == 200
+        # a data object whose record never came (a commit cut short, a lost commit race)
         strays = [f"sessions/alice/{uid}/tail-stray", "sessions/alice/" + "0" * 32 + "/tail-x",
-                  f"tmp/alice/{int(time.time())}-leftover"]
+                  f"tmp/alice/{int(time.time())}-leftover", "backups/alice/lost.dump/data"]
         for key in strays:
             s3.put_object(Bucket=bucket, Key=key, Body=b"x")
 
@@ -369,6 +374,12 @@ async def test_expiry_removes_stray_tails_and_tmp_leftovers_and_locks_stay_bound
             await storage.expire_partials(now=time.time() + 3600)
         assert not set(strays) & keys()
         assert live_tail in keys()
+        assert {"backups/alice/kept.dump/data", "backups/alice/kept.dump/meta.json"} <= keys()
         assert len(storage.sessions.locks) == 0
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {tokens.alice}"}
+                                         ) as http:  # the name is free again
+            async with http.post(f"{running.url}/api/backup/upload?name=lost.dump",
+                                 data=b"n" * 10) as resp:
+                assert resp.status == 200, await resp.text()
     finally:
         await running.close()

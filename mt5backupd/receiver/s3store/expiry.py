@@ -1,8 +1,8 @@
 """Housekeeping of the bucket, run by every replica (each step is idempotent): sessions idle
 past partial_ttl_s aborted on S3 and removed, multipart uploads no session owns aborted, stray
 objects older than partial_ttl_s removed (``tail-*`` objects no session points at, ``tmp/``
-objects of one-shot uploads a crash kept from being published or removed), and the usage
-figures (/metrics) refreshed."""
+objects of one-shot uploads a crash kept from being published or removed, data objects that
+never got their record), and the usage figures (/metrics) refreshed."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 from loguru import logger
 
 from mt5backupd.receiver.s3store.conn import Bucket, list_pages, list_uploads
-from mt5backupd.receiver.s3store.keys import DATA_NAME
+from mt5backupd.receiver.s3store.keys import DATA_NAME, RECORD_NAME
 from mt5backupd.receiver.s3store.sessions import Sessions
 from mt5backupd.receiver.storage.errors import Conflict, InvalidId, NotFound, StoreUnavailable
 
@@ -86,7 +86,14 @@ class Expiry:
                 orphans.add(upload_id)
         self._orphans = orphans
         self.partials = partials
-        await self.scan_usage()
+        for key in await self.scan_usage(now):
+            try:
+                await self.bucket.call("delete", "delete_object", Key=key)
+                logger.warning("removed {}: a data object without a record for over "
+                               "partial_ttl_s (a commit cut short, or a lost commit race)", key)
+                removed += 1
+            except StoreUnavailable as exc:  # Object Lock keeps it until its retention ends
+                logger.warning("could not remove the unrecorded data object {}: {}", key, exc)
         return removed
 
     async def _old_temps(self, now: float) -> list[str]:
@@ -112,13 +119,27 @@ class Expiry:
             now - initiated.timestamp() > self.partial_ttl_s)
         return old and upload_id in self._orphans
 
-    async def scan_usage(self) -> None:
+    async def scan_usage(self, now: float | None = None) -> list[str]:
+        """Refresh the bytes stored; with ``now``, also return the data objects that have had
+        no record for over partial_ttl_s. No reader lists them, and they keep their name from
+        ever being committed (completion is conditional on nothing being there); a record is
+        written seconds after its data, so only old ones are left-overs."""
         used = 0
+        data_age_s: dict[str, float] = {}
+        recorded: set[str] = set()
         async for page in list_pages(self.bucket, self.keys.backups):
             for obj in page.get("Contents", []):
-                if str(obj["Key"]).endswith("/" + DATA_NAME):
+                key = str(obj["Key"])
+                if key.endswith("/" + DATA_NAME):
                     used += int(obj.get("Size", 0))
+                    if now is not None:
+                        data_age_s[key.removesuffix(DATA_NAME)] = (
+                            now - obj["LastModified"].timestamp())
+                elif key.endswith("/" + RECORD_NAME):
+                    recorded.add(key.removesuffix(RECORD_NAME))
         self.used_bytes = used
+        return [folder + DATA_NAME for folder, age_s in data_age_s.items()
+                if folder not in recorded and age_s > self.partial_ttl_s]
 
     async def scan_usage_quietly(self) -> None:
         try:
