@@ -46,9 +46,11 @@ class JobOutcome:
     summary: dict[str, Any]
 
 
-async def _run_and_record(cfg: Config, job: str,
-                          run: Callable[[], Awaitable[BackupResult]]) -> BackupResult:
-    started, t0 = datetime.now(UTC), time.monotonic()
+async def _run_and_record(cfg: Config, job: str, run: Callable[[], Awaitable[BackupResult]],
+                          began: tuple[datetime, float] | None = None) -> BackupResult:
+    """``began``: when the run really began, if before this call (``--run-now`` starts
+    pg_dump first)."""
+    started, t0 = began or (datetime.now(UTC), time.monotonic())
     try:
         result = await run()
     except LockHeldError:
@@ -79,7 +81,8 @@ async def run_database(cfg: Config, *, show_progress: bool = False,
                        start: RunStart | None = None) -> BackupResult:
     """A database backup, recorded; ``start`` as for ``run_backup``."""
     return await _run_and_record(
-        cfg, "database", lambda: run_backup(cfg, show_progress=show_progress, start=start))
+        cfg, "database", lambda: run_backup(cfg, show_progress=show_progress, start=start),
+        start.began if start is not None and start.begun else None)
 
 
 async def database_job(cfg: Config) -> JobOutcome:
