@@ -219,10 +219,18 @@ class S3Storage:
                 UploadId=writer.upload_id, MultipartUpload={"Parts": [
                     {"PartNumber": p.number, "ETag": p.etag} for p in writer.parts]})
         except BaseException:
-            await writer.close()  # no part still on its way when the upload is aborted
+            async def abort() -> None:
+                try:
+                    await writer.close()  # no part still on its way when it is aborted
+                finally:
+                    await self.bucket.call("abort_multipart", "abort_multipart_upload",
+                                           Key=key, UploadId=writer.upload_id,
+                                           expect=("NoSuchUpload",))
             try:
-                await self.bucket.call("abort_multipart", "abort_multipart_upload", Key=key,
-                                       UploadId=writer.upload_id, expect=("NoSuchUpload",))
+                # shielded: a request cancelled (a receiver shutting down) still aborts it
+                await asyncio.shield(abort())
+            except asyncio.CancelledError:
+                pass  # cancelled while it runs: it goes on by itself
             except Exception:  # noqa: BLE001 - best effort; expiry aborts what is left
                 logger.info("could not abort {}; expiry will", key)
             raise
