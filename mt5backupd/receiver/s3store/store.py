@@ -6,6 +6,7 @@ publish (commit), conn (the client, errors, preflight)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import secrets
 import time
@@ -227,10 +228,10 @@ class S3Storage:
                                            Key=key, UploadId=writer.upload_id,
                                            expect=("NoSuchUpload",))
             try:
-                # shielded: a request cancelled (a receiver shutting down) still aborts it
-                await asyncio.shield(abort())
-            except asyncio.CancelledError:
-                pass  # cancelled while it runs: it goes on by itself
+                # shielded: a request cancelled (a receiver shutting down) still aborts it; a
+                # cancel while it runs leaves it running by itself
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(abort())
             except Exception:  # noqa: BLE001 - best effort; expiry aborts what is left
                 logger.info("could not abort {}; expiry will", key)
             raise
