@@ -100,3 +100,19 @@ def test_a_segment_shipped_only_in_part_before_newer_wal_is_a_gap() -> None:
                                           "but newer WAL"):
         wal_chain(SEG[0], SEG[0], partly, None)
     assert [w.segment for w in wal_chain(SEG[0], SEG[0], partly, at(12))] == SEG[:2]
+
+
+@pytest.mark.parametrize(("segment_bytes", "after"), [
+    (16 * 1024**2, "0000000100000000000000FF"),  # 256 segments of 16 MiB per 4 GiB log
+    (64 * 1024**2, "00000001000000000000003F"),  # 64 of 64 MiB (initdb --wal-segsize=64)
+    (1024**3, "000000010000000000000003"),  # 4 of 1 GiB
+])
+def test_chain_crosses_a_log_boundary_at_the_cluster_segment_size(segment_bytes: int,
+                                                                  after: str) -> None:
+    """The segment after the last of a 4 GiB log is the next log's first, whatever the
+    segment size: a chain over that boundary has no gap."""
+    first_of_next = "000000010000000100000000"
+    segments = [after, first_of_next]
+    chain = wal_chain(after, first_of_next, [wal(s, 10 + i) for i, s in enumerate(segments)],
+                      None, segment_bytes)
+    assert [w.segment for w in chain] == segments

@@ -125,6 +125,7 @@ class PitrResult:
     duration_s: float
     last_segment: str = ""  # the newest WAL handed to recovery: its segment ...
     last_upto: int | None = None  # ... and how far its WAL reaches (None: the whole segment)
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES  # the cluster's WAL segment size
 
     def to_json(self) -> dict[str, Any]:
         return {"base": self.base, "target_dir": str(self.target_dir),
@@ -237,7 +238,8 @@ async def restore_pitr(cfg: Config, ref: str, target_dir: Path, *, to_time: str 
             await client.close()
     logger.info("PITR restore of {} ready in {}", base.id, target_dir)
     return PitrResult(base.id, target_dir, target, utc_assumed, len(chain), win.text(),
-                      time.monotonic() - t0, chain[-1].segment, chain[-1].upto)
+                      time.monotonic() - t0, chain[-1].segment, chain[-1].upto,
+                      cat.segment_bytes.get(base.id, DEFAULT_SEGMENT_BYTES))
 
 
 async def _restore_into(cat: Catalog, client: ReceiverClient | None, base: BaseRef,
@@ -250,8 +252,10 @@ async def _restore_into(cat: Catalog, client: ReceiverClient | None, base: BaseR
     logger.info("extracting base backup {} into {}", base.id, target_dir)
     await asyncio.to_thread(extract_base, base_path, target_dir, identities)
     manifest = (target_dir / MANIFEST_MEMBER).read_bytes()
-    needs = wal_range(manifest, cat.segment_bytes.get(base.id, DEFAULT_SEGMENT_BYTES))
-    chain = wal_chain(needs["start_segment"], needs["end_segment"], cat.wal, target)
+    segment_bytes = cat.segment_bytes.get(base.id, DEFAULT_SEGMENT_BYTES)
+    needs = wal_range(manifest, segment_bytes)
+    chain = wal_chain(needs["start_segment"], needs["end_segment"], cat.wal, target,
+                      segment_bytes)
     wal_dir = target_dir / WAL_SUBDIR
     wal_dir.mkdir(mode=0o700)
     # two at a time: hashing and decoding release the GIL, so both cores work (and two

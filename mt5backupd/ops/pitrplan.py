@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from mt5backupd.errors import EXIT_USAGE, Mt5BackupError
-from mt5backupd.walnames import next_segment
+from mt5backupd.walnames import DEFAULT_SEGMENT_BYTES, next_segment
 
 MTIME_SLACK = timedelta(seconds=1)
 
@@ -92,10 +92,13 @@ def choose_base(bases: Sequence[BaseRef], wal: Sequence[WalRef],
 
 
 def wal_chain(start_segment: str, end_segment: str, wal: Sequence[WalRef],
-              target: datetime | None) -> list[WalRef]:
+              target: datetime | None,
+              segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> list[WalRef]:
     """The WAL objects to replay from ``start_segment``: whole segments in order, the last
     maybe a snapshot; up to the first that reaches ``target`` (or as far as it goes). A gap
-    before the base's ``end_segment`` or before the target is refused, naming the segment."""
+    before the base's ``end_segment`` or before the target is refused, naming the segment.
+    ``segment_bytes``: the cluster's WAL segment size (initdb --wal-segsize), which decides
+    the name of the segment after each one."""
     whole = {w.segment: w for w in wal if w.upto is None}
     snapshots: dict[str, WalRef] = {}
     for w in wal:
@@ -113,7 +116,7 @@ def wal_chain(start_segment: str, end_segment: str, wal: Sequence[WalRef],
         # past the target by more than the mtime granularity: the WAL of T is all in hand
         if obj.upto is not None or (target is not None and obj.time > target + MTIME_SLACK):
             break
-        segment = next_segment(segment)
+        segment = next_segment(segment, segment_bytes)
     reached = chain[-1].segment if chain else ""
     if reached < end_segment:
         raise PitrRefused(f"the WAL chain of this base backup has a gap: segment {segment} is "

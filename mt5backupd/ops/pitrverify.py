@@ -32,7 +32,7 @@ from mt5backupd.config import Config
 from mt5backupd.errors import Mt5BackupError
 from mt5backupd.ops.pitr import restore_pitr
 from mt5backupd.ops.verify import VerifyOutcome
-from mt5backupd.walnames import DEFAULT_SEGMENT_BYTES, segment_number
+from mt5backupd.walnames import segment_number
 
 SERVER_ACCOUNT = "postgres"
 PROMOTE_TIMEOUT_S = 600.0
@@ -99,8 +99,8 @@ async def verify_pitr(cfg: Config, identity_files: Sequence[Path] = ()) -> Verif
             raise Mt5BackupError(f"scratch PostgreSQL did not start: {_log_tail(log)}")
         outcome.tables, replay = await _until_promoted(cfg, sock, port)
         outcome.restore_s = time.monotonic() - t0
-        _timeline, last = segment_number(restored.last_segment)
-        reached = replay // DEFAULT_SEGMENT_BYTES
+        _timeline, last = segment_number(restored.last_segment, restored.segment_bytes)
+        reached = replay // restored.segment_bytes
         if reached < last:
             outcome.reasons.append(f"recovery stopped in segment {reached:X}, before the "
                                    f"newest shipped WAL ({restored.last_segment})")
