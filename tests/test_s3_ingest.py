@@ -6,11 +6,13 @@ scratch disk that is full or gone (507, nothing left behind)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -110,27 +112,51 @@ async def in_process(cfg: ReceiverConfig, metrics: ReceiverMetrics | None = None
     return await start_receiver(cfg, TokenStore(cfg.tokens_file), metrics=metrics)
 
 
+@dataclass
+class Behind:
+    """An in-process S3 receiver whose store sits behind a switch the test can hold."""
+
+    switch: StoreSwitch
+    bucket: str
+    running: RunningReceiver
+    token: str
+    metrics: ReceiverMetrics
+    scratch: Path
+
+
+@contextlib.asynccontextmanager
+async def behind_switch(tmp_path: Path, moto: MotoS3) -> AsyncIterator[Behind]:
+    target = urlsplit(moto.url)
+    switch = StoreSwitch(str(target.hostname), int(target.port or 80))
+    await switch.on()
+    bucket = moto.new_bucket()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    cfg = s3_receiver_cfg(receiver_config(tmp_path), moto, bucket, endpoint_url=switch.url,
+                          scratch_dir=scratch)
+    tokens = make_tokens(cfg.tokens_file)
+    metrics = ReceiverMetrics()
+    running = await in_process(cfg, metrics)
+    try:
+        yield Behind(switch, bucket, running, tokens.alice, metrics, scratch)
+    finally:
+        switch.release()
+        await running.close()
+        await switch.off()
+
+
 async def test_parts_overlap_backpressure_at_two_parts_offset_only_acknowledged(
         tmp_path: Path, moto_s3: MotoS3, s3_env: dict[str, str]) -> None:
     """With the store stalled on part 1, the receiver goes on reading into the second slot and
     stops at two parts (backpressure); state.json in the bucket still says no part; released,
     the many-part upload completes and commits with the right sha256."""
-    target = urlsplit(moto_s3.url)
-    switch = StoreSwitch(str(target.hostname), int(target.port or 80))
-    await switch.on()
-    bucket = moto_s3.new_bucket()
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    cfg = s3_receiver_cfg(receiver_config(tmp_path), moto_s3, bucket, endpoint_url=switch.url,
-                          scratch_dir=scratch)
-    tokens = make_tokens(cfg.tokens_file)
-    metrics = ReceiverMetrics()
-    running = await in_process(cfg, metrics)
     data = os.urandom(4 * PART + MiB + 123)
-    received = metrics.bytes_received._value
-    try:
+    async with behind_switch(tmp_path, moto_s3) as behind:
+        switch, bucket, running, scratch = (behind.switch, behind.bucket, behind.running,
+                                            behind.scratch)
+        received = behind.metrics.bytes_received._value
         async with aiohttp.ClientSession(
-                headers={"Authorization": f"Bearer {tokens.alice}"}) as http:
+                headers={"Authorization": f"Bearer {behind.token}"}) as http:
             uid = await create(http, running.url, "many.dump")
             switch.hold(budget_bytes=256 * 1024)  # state reads and writes pass, parts do not
 
@@ -159,10 +185,6 @@ async def test_parts_overlap_backpressure_at_two_parts_offset_only_acknowledged(
             storage = running.app[STORAGE_KEY]
             assert isinstance(storage, S3Storage)
             assert len(storage.sessions.locks) == 0  # none kept after use
-    finally:
-        switch.release()
-        await running.close()
-        await switch.off()
 
 
 def s3_replica(workdir: Path, moto: MotoS3, bucket: str, env: dict[str, str],
@@ -296,22 +318,13 @@ async def test_a_part_changed_on_the_scratch_disk_is_never_sent(
     """Bytes that change in the scratch file between their arrival and their upload (a bad
     disk) are caught against the part's SHA-256 as received: 503, the part is not saved, and
     the client's resend from the durable offset completes with the right sha256."""
-    target = urlsplit(moto_s3.url)
-    switch = StoreSwitch(str(target.hostname), int(target.port or 80))
-    await switch.on()
-    bucket = moto_s3.new_bucket()
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    cfg = s3_receiver_cfg(receiver_config(tmp_path), moto_s3, bucket, endpoint_url=switch.url,
-                          scratch_dir=scratch)
-    tokens = make_tokens(cfg.tokens_file)
-    metrics = ReceiverMetrics()
-    running = await in_process(cfg, metrics)
     data = os.urandom(3 * PART + 123)
-    received = metrics.bytes_received._value
-    try:
+    async with behind_switch(tmp_path, moto_s3) as behind:
+        switch, bucket, running, scratch = (behind.switch, behind.bucket, behind.running,
+                                            behind.scratch)
+        received = behind.metrics.bytes_received._value
         async with aiohttp.ClientSession(
-                headers={"Authorization": f"Bearer {tokens.alice}"}) as http:
+                headers={"Authorization": f"Bearer {behind.token}"}) as http:
             uid = await create(http, running.url, "bitrot.dump")
             switch.hold(budget_bytes=256 * 1024)
 
@@ -336,10 +349,6 @@ async def test_a_part_changed_on_the_scratch_disk_is_never_sent(
             assert await sending == 503
             assert durable_parts(moto_s3, bucket, uid) == [PART]  # part 1 only
             await finish(http, running.url, uid, data, await offset_of(http, running.url, uid))
-    finally:
-        switch.release()
-        await running.close()
-        await switch.off()
 
 
 async def test_a_frozen_store_is_a_503_in_bounded_time(
@@ -352,17 +361,11 @@ async def test_a_frozen_store_is_a_503_in_bounded_time(
     monkeypatch.setattr(conn, "SLOWEST_BYTES_PER_S", 1 << 40)
     monkeypatch.setattr(health, "PROBE_TIMEOUT_S", 1.0)
     monkeypatch.setattr(health, "HEALTH_CACHE_S", 0.0)
-    target = urlsplit(moto_s3.url)
-    switch = StoreSwitch(str(target.hostname), int(target.port or 80))
-    await switch.on()
-    bucket = moto_s3.new_bucket()
-    cfg = s3_receiver_cfg(receiver_config(tmp_path), moto_s3, bucket, endpoint_url=switch.url)
-    tokens = make_tokens(cfg.tokens_file)
-    running = await in_process(cfg)
     data = os.urandom(PART + 99)
-    try:
+    async with behind_switch(tmp_path, moto_s3) as behind:
+        switch, running = behind.switch, behind.running
         async with aiohttp.ClientSession(
-                headers={"Authorization": f"Bearer {tokens.alice}"}) as http:
+                headers={"Authorization": f"Bearer {behind.token}"}) as http:
             uid = await create(http, running.url, "frozen.dump")
             switch.hold(budget_bytes=0)
             t0 = asyncio.get_running_loop().time()
@@ -375,7 +378,3 @@ async def test_a_frozen_store_is_a_503_in_bounded_time(
             assert asyncio.get_running_loop().time() - t0 < 20
             switch.release()
             await finish(http, running.url, uid, data, await offset_of(http, running.url, uid))
-    finally:
-        switch.release()
-        await running.close()
-        await switch.off()
