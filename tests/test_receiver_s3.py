@@ -122,15 +122,15 @@ async def test_replicas_share_uploads_resume_after_kill9_and_race_commits(
             assert sorted(statuses) in ([201, 409], [409, 409]), statuses
             async with http.get(f"{a.url}/api/backup/list") as resp:
                 listed = [r for r in (await resp.json())["backups"] if r["id"] == name]
-            if 201 in statuses:
+            if listed:  # a record stands: it is the 201's, and it describes the stored bytes
                 wins += 1
                 winner = contents[statuses.index(201)]
                 assert [r["sha256"] for r in listed] == [sha(winner)]
                 for base in (a.url, b.url):
                     async with http.get(f"{base}/api/backup/download/{name}") as resp:
                         assert await resp.read() == winner
-            else:
-                assert listed == []  # both completed, neither record stands: none lists it
+            # else: both completions landed (moto), and the later one's commit removed the
+            # record that no longer described the data: nothing lists bytes it does not hold
         assert wins >= 1
 
 
@@ -371,6 +371,10 @@ async def test_expiry_removes_stray_tails_and_tmp_leftovers_and_locks_stay_bound
         assert set(strays) <= keys()  # young: could be a tail whose state is being written
         async with storage.sessions.locks.hold("alice", uid, busy_message="busy"):
             # an hour later, the session in use by a request
+            await storage.expire_partials(now=time.time() + 3600)
+            # an unrecorded data object goes only when two scans in a row found it so (a
+            # commit may be between its completion and its record)
+            assert "backups/alice/lost.dump/data" in keys()
             await storage.expire_partials(now=time.time() + 3600)
         assert not set(strays) & keys()
         assert live_tail in keys()

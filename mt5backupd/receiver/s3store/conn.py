@@ -34,6 +34,7 @@ SYSTEMD_CREDENTIAL_NAME = "s3-credentials"
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 120.0  # one call, botocore's retries included
+LONG_CALL_TIMEOUT_S = 900.0  # completion and server-side copy
 SLOWEST_BYTES_PER_S = 128 * 1024  # part uploads get their size at this rate on top
 
 
@@ -143,6 +144,10 @@ class Bucket:
         their bytes at a slow 128 KiB/s on top."""
         if method in ("upload_part", "put_object"):
             return CALL_TIMEOUT_S + self.cfg.part_size_bytes / SLOWEST_BYTES_PER_S
+        if method in ("complete_multipart_upload", "upload_part_copy"):
+            # work on the store's side (AWS keeps the connection alive with whitespace): a
+            # server-side copy of up to 1 GiB, the assembly of up to 10,000 parts
+            return LONG_CALL_TIMEOUT_S
         return CALL_TIMEOUT_S
 
     async def call(self, op: str, method: str, *, expect: tuple[str, ...] = (),
@@ -154,9 +159,11 @@ class Bucket:
         start = time.monotonic()
         result = "ok"
         try:
-            return await asyncio.wait_for(
-                getattr(self._client, method)(Bucket=self.name, **params),
-                timeout_s if timeout_s is not None else self.call_timeout_s(method))
+            # asyncio.timeout, not wait_for: the call stays in this task (3.11's wait_for runs
+            # it in another and can swallow a cancel that arrives as it completes)
+            async with asyncio.timeout(timeout_s if timeout_s is not None
+                                       else self.call_timeout_s(method)):
+                return await getattr(self._client, method)(Bucket=self.name, **params)
         except ClientError as exc:
             code = error_code(exc)
             if code in expect or (error_status(exc) == 404 and "404" in expect):

@@ -29,6 +29,7 @@ class Expiry:
         self.used_bytes = 0
         self.partials = 0
         self._orphans: set[str] = set()  # multipart uploads no session owned at the last scan
+        self._unrecorded: set[str] = set()  # old data objects without a record, last scan
 
     async def run(self, now: float | None = None) -> int:
         """Abort (on S3) and remove sessions idle past partial_ttl_s, abort multipart uploads
@@ -36,6 +37,7 @@ class Expiry:
         now = time.time() if now is None else now
         removed = 0
         live_uploads: set[str] = set()
+        live_data: set[str] = set()  # data keys sessions complete into (one may be committing)
         partials = 0
         tails: list[tuple[str, float]] = []  # (key, age in seconds) of every tail object seen
         current_tails: set[str] = set()  # the ones sessions point at
@@ -58,6 +60,7 @@ class Expiry:
                     removed += 1
                 else:
                     live_uploads.add(st.upload_id)
+                    live_data.add(st.key)
                     if st.tail_key:
                         current_tails.add(st.tail_key)
                     partials += 1
@@ -86,15 +89,31 @@ class Expiry:
                 orphans.add(upload_id)
         self._orphans = orphans
         self.partials = partials
-        for key in await self.scan_usage(now):
+        # Only what no session completes into and what the previous scan found unrecorded
+        # too (a multipart object may carry its upload's start date, so "old" alone does not
+        # rule out a commit between completion and record), and with no record even now.
+        unrecorded = set(await self.scan_usage(now)) - live_data
+        for key in sorted(unrecorded & self._unrecorded):
+            if await self._has_record(key):
+                continue
             try:
                 await self.bucket.call("delete", "delete_object", Key=key)
                 logger.warning("removed {}: a data object without a record for over "
                                "partial_ttl_s (a commit cut short, or a lost commit race)", key)
                 removed += 1
-            except StoreUnavailable as exc:  # Object Lock keeps it until its retention ends
+            except StoreUnavailable as exc:
                 logger.warning("could not remove the unrecorded data object {}: {}", key, exc)
+        self._unrecorded = unrecorded
         return removed
+
+    async def _has_record(self, data_key: str) -> bool:
+        try:
+            await self.bucket.call("head", "head_object",
+                                   Key=data_key.removesuffix(DATA_NAME) + RECORD_NAME,
+                                   expect=("404",))
+        except ClientError:
+            return False
+        return True
 
     async def _old_temps(self, now: float) -> list[str]:
         """Completed one-shot uploads under ``tmp/`` older than partial_ttl_s: published or
@@ -130,12 +149,13 @@ class Expiry:
         async for page in list_pages(self.bucket, self.keys.backups):
             for obj in page.get("Contents", []):
                 key = str(obj["Key"])
+                split = self.keys.split_backup_key(key)  # exactly <client>/<id>/<name>
                 if key.endswith("/" + DATA_NAME):
                     used += int(obj.get("Size", 0))
-                    if now is not None:
+                    if now is not None and split is not None:
                         data_age_s[key.removesuffix(DATA_NAME)] = (
                             now - obj["LastModified"].timestamp())
-                elif key.endswith("/" + RECORD_NAME):
+                elif key.endswith("/" + RECORD_NAME) and split is not None:
                     recorded.add(key.removesuffix(RECORD_NAME))
         self.used_bytes = used
         return [folder + DATA_NAME for folder, age_s in data_age_s.items()

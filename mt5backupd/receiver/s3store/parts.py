@@ -224,9 +224,13 @@ class PartWriter:
             await upload
 
     async def _wait_save(self) -> None:
-        if self._saving is not None:
-            saving, self._saving = self._saving, None
-            await saving
+        saving = self._saving
+        if saving is not None:
+            # shielded and left in place until it is done: a cancelled waiter (close() stopping
+            # the upload that waits here) leaves it running, and close() still finds it
+            await asyncio.shield(saving)
+            if self._saving is saving:
+                self._saving = None
 
     # ---- the end of a request ----
 
@@ -253,19 +257,13 @@ class PartWriter:
                                        self._fill)
 
     async def close(self) -> None:
-        """Let the state save of the last acknowledged part finish, stop an upload still in
-        flight (its part is simply not acknowledged), let the worker threads end, remove the
-        scratch file."""
+        """Stop an upload still in flight (its part is simply not acknowledged), let the state
+        save of the last acknowledged part finish (a short conditional PUT, shielded: cut
+        short, the durable offset would fall a part behind the store), let the worker threads
+        end, remove the scratch file once nothing uses it any more."""
         pending, self._pending = self._pending, []
+        upload, self._upload = self._upload, None
         try:
-            # the state save of an acknowledged part is let finish (a short conditional PUT,
-            # shielded even from our own cancellation): cut short, the durable offset would
-            # fall a part behind what the store holds
-            saving, self._saving = self._saving, None
-            if saving is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(saving)
-            upload, self._upload = self._upload, None
             if upload is not None:
                 upload.cancel()
                 try:
@@ -275,14 +273,20 @@ class PartWriter:
                     current = asyncio.current_task()
                     if current is not None and current.cancelling():
                         raise  # we are cancelled ourselves, not just the upload
+            saving, self._saving = self._saving, None  # the newest: an upload may have ended
+            if saving is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(saving)
             if pending:
                 await asyncio.shield(asyncio.wait(pending))
         finally:
             scratch, self._scratch = self._scratch, None
-            running = [f for f in pending if not f.done()]
+            running: list[asyncio.Future[Any]] = [f for f in pending if not f.done()]
+            if upload is not None and not upload.done():
+                running.append(upload)  # cancelled, but still between its awaits
             if scratch is not None and running:
-                # cancelled while a thread still writes: close once it ends, never under it (a
-                # reused descriptor number would take the write)
+                # cancelled while a thread still writes or the upload still reads: close once
+                # they end, never under them (a reused descriptor number would take the I/O)
                 asyncio.gather(*running, return_exceptions=True).add_done_callback(
                     lambda _f: scratch.close())
             elif scratch is not None:

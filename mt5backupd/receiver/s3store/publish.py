@@ -28,6 +28,11 @@ from mt5backupd.records import BackupRecord
 COPY_PART_BYTES = 1024**3  # UploadPartCopy takes up to 5 GiB a part
 
 
+def normal_etag(etag: str) -> str:
+    """An ETag as compared: without a weak marker or quotes, lower case (stores differ)."""
+    return etag.removeprefix("W/").strip('"').lower()
+
+
 class Publisher:
     def __init__(self, bucket: Bucket, cfg: StorageConfig) -> None:
         self.bucket = bucket
@@ -126,26 +131,32 @@ class Publisher:
                 expect=("PreconditionFailed", "NoSuchUpload", "ConditionalRequestConflict",
                         "InvalidPart", "InvalidPartOrder", "404"))
         except ClientError as exc:
-            if await self._etag(key) == ours:
+            if await self._still_ours(key, ours):
                 return ours  # completed by an earlier attempt of this very session
             if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
                 raise NotFound("upload not found") from None
             raise Conflict("another upload completed this backup name first") from None
-        return str(resp.get("ETag") or ours)
+        answered = str(resp.get("ETag") or "")
+        # the store's own answer if it names the object there, else the computed one
+        return answered if answered and await self._still_ours(key, answered) else ours
 
     async def put_empty(self, key: str) -> str:
-        empty = '"d41d8cd98f00b204e9800998ecf8427e"'  # md5 of nothing
+        empty = '"d41d8cd98f00b204e9800998ecf8427e"'  # md5 of nothing (no SSE-KMS/SSE-C)
         try:
-            await self.bucket.call("put", "put_object", Key=key, Body=b"",
-                                   ContentMD5=content_md5(b""), IfNoneMatch="*",
-                                   expect=("PreconditionFailed",), **self.lock_args())
+            resp = await self.bucket.call("put", "put_object", Key=key, Body=b"",
+                                          ContentMD5=content_md5(b""), IfNoneMatch="*",
+                                          expect=("PreconditionFailed",), **self.lock_args())
         except ClientError:
-            if await self._etag(key) != empty:
+            if not await self._still_ours(key, empty):
                 raise Conflict("another upload completed this backup name first") from None
-        return empty
+            return empty
+        return str(resp.get("ETag") or empty)
 
     async def _still_ours(self, key: str, etag: str) -> bool:
-        return await self._etag(key) == etag
+        """Whether the object under ``key`` is the one whose ETag is ``etag``; compared
+        normalised: stores differ in quoting the ETag a completion answers."""
+        found = normal_etag(await self._etag(key) or "")
+        return bool(found) and found == normal_etag(etag)
 
     async def finish(self, client: str, name: str, kind: str, size: int, sha256: str,
                      metadata: dict[str, Any], etag: str) -> BackupRecord:

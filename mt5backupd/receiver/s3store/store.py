@@ -209,6 +209,7 @@ class S3Storage:
                             part_size=self.cfg.part_size_bytes, hasher=ResumableSha256(),
                             limit=limit, offset=0, on_bytes=self.on_bytes,
                             scratch_dir=self.cfg.scratch_dir)
+        aborting: asyncio.Task[None] | None = None
         try:
             async for chunk in chunks:
                 await writer.feed(chunk)
@@ -220,24 +221,24 @@ class S3Storage:
                 UploadId=writer.upload_id, MultipartUpload={"Parts": [
                     {"PartNumber": p.number, "ETag": p.etag} for p in writer.parts]})
         except BaseException:
-            async def abort() -> None:
-                try:
-                    await writer.close()  # no part still on its way when it is aborted
-                finally:
-                    await self.bucket.call("abort_multipart", "abort_multipart_upload",
-                                           Key=key, UploadId=writer.upload_id,
-                                           expect=("NoSuchUpload",))
-            try:
-                # shielded: a request cancelled (a receiver shutting down) still aborts it; a
-                # cancel while it runs leaves it running by itself
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(abort())
-            except Exception:  # noqa: BLE001 - best effort; expiry aborts what is left
-                logger.info("could not abort {}; expiry will", key)
+            # a task of its own, shielded: a cancelled request (a receiver shutting down)
+            # still aborts the upload; a cancel while it runs leaves it running by itself
+            aborting = asyncio.create_task(self._abort_temp(writer, key))
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(aborting)
             raise
         finally:
-            await writer.close()
+            if aborting is None:  # else the abort closes the writer, once
+                await writer.close()
         return S3Temp(client, key, writer.offset, writer.hasher.hexdigest())
+
+    async def _abort_temp(self, writer: PartWriter, key: str) -> None:
+        try:
+            await writer.close()  # no part still on its way when it is aborted
+            await self.bucket.call("abort_multipart", "abort_multipart_upload", Key=key,
+                                   UploadId=writer.upload_id, expect=("NoSuchUpload",))
+        except Exception:  # noqa: BLE001 - best effort; expiry aborts what is left
+            logger.info("could not abort {}; expiry will", key)
 
     async def publish_temp(self, temp: Any, name: str, kind: str, metadata: Any,
                            expected_sha256: str | None) -> BackupRecord:
