@@ -105,6 +105,12 @@ def check_part_payload(request: Any, **_kwargs: Any) -> None:
     signed = request.headers.get("X-Amz-Content-SHA256")
     if isinstance(signed, bytes):
         signed = signed.decode("ascii", "replace")
+    if signed is None or signed == "UNSIGNED-PAYLOAD":
+        # not a scratch problem: the client was configured not to sign payloads (SigV2, an
+        # AWS config file); the parts would go unchecked, so they do not go
+        logger.error("S3 part uploads are not payload-signed (X-Amz-Content-SHA256 is {}); "
+                     "check the AWS config of the receiver's user (signature_version)", signed)
+        raise PartChanged("receiver cannot check its part uploads (payload signing is off)")
     if signed != expected:
         logger.error("a part read back from the scratch file differs from what was received "
                      "(sha256 {} vs {}); not sent", signed, expected)
