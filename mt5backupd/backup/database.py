@@ -115,9 +115,10 @@ async def database_spec(cfg: Config, start: RunStart) -> ShipSpec:
             try:
                 return await _produce_counting_stream(db, password, spooled, server.tables,
                                                       spawned)
-            finally:
-                if spawned is not None:  # ended by run_dump already, unless it never got there
+            except BaseException:
+                if spawned is not None:  # run_dump ends it, unless it failed before getting it
                     await spawned.stop()
+                raise
         return await _produce_in_snapshot(db, password, spooled)
 
     async def verify(path: Path, identities: Sequence[x25519.Identity]) -> None:

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from mt5backupd.errors import Mt5BackupError
+
 DRAIN_MAX_BYTES = 256 * 1024 * 1024
 READ_BYTES = 1024 * 1024
 POLL_S = 0.05  # how soon the thread sees the pump's "stop"
@@ -68,7 +70,7 @@ class EarlyDrain:
         self._stop.set()
         self._thread.join(JOIN_TIMEOUT_S)
         if self._thread.is_alive():  # a write stuck on a hung disk: no safe hand-over
-            raise TimeoutError(f"pg_dump's early output could not be taken over from its "
+            raise Mt5BackupError(f"pg_dump's early output could not be taken over from its "
                                f"scratch file in {self.directory} within {JOIN_TIMEOUT_S:.0f} s "
                                "(a hung disk?)")
         fd = self._file.fileno()

@@ -101,10 +101,9 @@ class RunStart:
     async def take_dump(self, argv: list[str]) -> SpawnedDump | None:
         """The started pg_dump, now the caller's to end, if it runs ``argv``; None when there
         is none (start one). One that runs something else is stopped first: never two."""
+        if self._dump is not None and self._dump.argv != argv:
+            await self.drop_dump()
         dump, self._dump = self._dump, None
-        if dump is not None and dump.argv != argv:
-            await dump.stop()
-            return None
         return dump
 
     async def drop_dump(self) -> None:

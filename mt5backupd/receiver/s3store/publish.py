@@ -117,10 +117,11 @@ class Publisher:
             return None
         return str(head["ETag"])
 
-    async def complete(self, key: str, upload_id: str, parts: list[Part]) -> str:
+    async def complete(self, key: str, upload_id: str, parts: list[Part]) -> tuple[str, ...]:
         """CompleteMultipartUpload, only if nothing is under ``key`` yet, or the object there
-        is this upload's own (an earlier attempt completed it). Conflict otherwise. The ETag
-        of the object this upload made."""
+        is this upload's own (an earlier attempt completed it). Conflict otherwise. The ETags
+        that name the object this upload made: the store's answer and the one computed from
+        the parts (stores differ in which one HEAD shows)."""
         ours = multipart_etag([p.etag for p in parts])
         try:
             resp = await self.bucket.call(
@@ -131,37 +132,37 @@ class Publisher:
                 expect=("PreconditionFailed", "NoSuchUpload", "ConditionalRequestConflict",
                         "InvalidPart", "InvalidPartOrder", "404"))
         except ClientError as exc:
-            if await self._still_ours(key, ours):
-                return ours  # completed by an earlier attempt of this very session
+            if await self._still_ours(key, (ours,)):
+                return (ours,)  # completed by an earlier attempt of this very session
             if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
                 raise NotFound("upload not found") from None
             raise Conflict("another upload completed this backup name first") from None
         answered = str(resp.get("ETag") or "")
-        # the store's own answer if it names the object there, else the computed one
-        return answered if answered and await self._still_ours(key, answered) else ours
+        return (answered, ours) if answered else (ours,)
 
-    async def put_empty(self, key: str) -> str:
+    async def put_empty(self, key: str) -> tuple[str, ...]:
         empty = '"d41d8cd98f00b204e9800998ecf8427e"'  # md5 of nothing (no SSE-KMS/SSE-C)
         try:
             resp = await self.bucket.call("put", "put_object", Key=key, Body=b"",
                                           ContentMD5=content_md5(b""), IfNoneMatch="*",
                                           expect=("PreconditionFailed",), **self.lock_args())
         except ClientError:
-            if not await self._still_ours(key, empty):
+            if not await self._still_ours(key, (empty,)):
                 raise Conflict("another upload completed this backup name first") from None
-            return empty
-        return str(resp.get("ETag") or empty)
+            return (empty,)
+        answered = str(resp.get("ETag") or "")
+        return (answered, empty) if answered else (empty,)
 
-    async def _still_ours(self, key: str, etag: str) -> bool:
-        """Whether the object under ``key`` is the one whose ETag is ``etag``; compared
+    async def _still_ours(self, key: str, etags: tuple[str, ...]) -> bool:
+        """Whether the object under ``key`` is the one one of ``etags`` names; compared
         normalised: stores differ in quoting the ETag a completion answers."""
         found = normal_etag(await self._etag(key) or "")
-        return bool(found) and found == normal_etag(etag)
+        return bool(found) and found in {normal_etag(e) for e in etags}
 
     async def finish(self, client: str, name: str, kind: str, size: int, sha256: str,
-                     metadata: dict[str, Any], etag: str) -> BackupRecord:
-        """The data object (``etag``, as our completion made it) is complete: retention, then
-        the record (the commit point for readers).
+                     metadata: dict[str, Any], etags: tuple[str, ...]) -> BackupRecord:
+        """The data object (named by ``etags``, as our completion made it) is complete:
+        retention, then the record (the commit point for readers).
 
         A store whose conditional completion is not atomic (moto's is not) can let two uploads
         of one name both complete, the later one's bytes winning. Whatever the interleaving, a
@@ -171,7 +172,7 @@ class Publisher:
         record no longer describes the data and is removed too (409). Left then: a data
         object without a record, which no reader lists."""
         key = self.keys.data(client, name)
-        if not await self._still_ours(key, etag):
+        if not await self._still_ours(key, etags):
             raise Conflict("another upload completed this backup name first")
         await self.retain(key)
         record = BackupRecord(id=name, client=client, name=name, kind=kind, size=size,
@@ -179,10 +180,10 @@ class Publisher:
         try:
             written = await self.write_record(record)
         except Conflict:
-            if await self._still_ours(key, etag):
+            if await self._still_ours(key, etags):
                 await self._drop_record(client, name)
             raise
-        if written is record and not await self._still_ours(key, etag):
+        if written is record and not await self._still_ours(key, etags):
             await self._drop_record(client, name)
             raise Conflict("another upload completed this backup name first")
         return written
@@ -199,9 +200,9 @@ class Publisher:
             logger.error("could not remove {}: remove it by hand; it names bytes the object "
                          "does not hold", record_key)
 
-    async def copy_into(self, src: str, client: str, name: str, size: int) -> str:
+    async def copy_into(self, src: str, client: str, name: str, size: int) -> tuple[str, ...]:
         """Server-side copy of a one-shot upload's temp object to its final name, completed
-        with the same conditional write as a resumable upload; the new object's ETag."""
+        with the same conditional write as a resumable upload; the ETags naming it."""
         dest = self.keys.data(client, name)
         if size == 0:
             return await self.put_empty(dest)

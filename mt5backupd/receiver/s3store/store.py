@@ -152,11 +152,11 @@ class S3Storage:
                 await self.sessions.remove(st)
                 return same
             if st.offset == 0:
-                etag = await self.publisher.put_empty(st.key)
+                etags = await self.publisher.put_empty(st.key)
             else:
-                etag = await self.publisher.complete(st.key, st.upload_id, st.parts)
+                etags = await self.publisher.complete(st.key, st.upload_id, st.parts)
             record = await self.publisher.finish(client, st.name, st.kind, st.offset,
-                                                 st.sha256, st.metadata, etag)
+                                                 st.sha256, st.metadata, etags)
             await self.sessions.remove(st)
             return record
 
@@ -252,9 +252,9 @@ class S3Storage:
                                                          temp.size)
             if same is not None:
                 return same
-            etag = await self.publisher.copy_into(temp.key, temp.client, name, temp.size)
+            etags = await self.publisher.copy_into(temp.key, temp.client, name, temp.size)
             return await self.publisher.finish(temp.client, name, kind, temp.size, temp.sha256,
-                                               metadata, etag)
+                                               metadata, etags)
         finally:
             await self.discard_temp(temp)
 
