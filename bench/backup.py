@@ -9,7 +9,9 @@ What it measures, in one run, on a throwaway PostgreSQL cluster filled by
 ``mt5backupd.testkit.sampledata`` with ``--size-mb`` MiB of MT5-like data, and a real
 ``mt5backupd receiver`` subprocess on loopback:
 
-1. **Baseline A**: bare ``pg_dump -Fc -Z0 > /dev/null`` (best of ``--repeat``).
+1. **Baseline A**: bare ``pg_dump -Fc -Z0 > /dev/null`` (best of ``--repeat``), and beside each
+   run the **floor F**: ``pg_dump -Fc -Z0 | zstd -LEVEL -T1 > FILE`` at the default level, C tools
+   only: what compressing alone costs on this machine (ratios of the medians to A and to ours).
 2. **Default**: ``mt5backupd --run-now`` (a subprocess, with the default compression
    ``mt5backupd.config.DEFAULT_COMPRESSION``): dump, compress, hash, spool, upload concurrently,
    pg_restore --list, commit. Wall time (best of ``--repeat``), its ratio to A (target <= 1.3),
@@ -783,6 +785,29 @@ def _shell_zstd(b: Bench, zstd: str) -> Timed:
                    pipe_into=[zstd, "-T2", "-3", "-q", "-c"])
 
 
+def zstd_floor(b: Bench, level: int) -> Timed | None:
+    """The same bytes through C tools only: ``pg_dump -Fc -Z0 | zstd -LEVEL > FILE``
+    (single-threaded, as our default pump compresses). What any compressing backup pays on this
+    machine before hashing, parsing, uploading or verifying anything."""
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        return None
+    return b.measure(lambda: _zstd_floor(b, zstd, level), lambda t: t)
+
+
+def _zstd_floor(b: Bench, zstd: str, level: int) -> Timed:
+    b.settle()
+    out_path = b.work / "floor.dump.zst"
+    try:
+        with out_path.open("wb") as out:
+            return b.timed(f"pg_dump -Fc -Z0 | zstd -{level} > FILE",
+                           [b.pg_bin("pg_dump"), "-Fc", "-Z0", "-d", MAIN_DB],
+                           env=b.pg_env(MAIN_DB), stdout=out,
+                           pipe_into=[zstd, f"-{level}", "-T1", "-q", "-c"])
+    finally:
+        out_path.unlink(missing_ok=True)
+
+
 async def _prepare_databases(pg: PgCluster, main_bytes: int) -> dict[str, tuple[float, int]]:
     """Generate both databases; VACUUM (hint bits, visibility map) and CHECKPOINT so no dump
     pays for the load. Returns {db: (seconds, data bytes)}."""
@@ -812,6 +837,7 @@ class Report:
     prewarm: bool
     databases: dict[str, tuple[float, int]] = field(default_factory=dict)
     baseline: list[Timed] = field(default_factory=list)
+    floor: list[Timed] = field(default_factory=list)  # pg_dump -Z0 | zstd -LEVEL > FILE
     default_runs: list[RunNow] = field(default_factory=list)
     legacy: Legacy | None = None
     bare_z6: list[Timed] = field(default_factory=list)
@@ -829,6 +855,11 @@ class Report:
     def ours(self) -> RunNow:
         return best_run(self.default_runs)
 
+    def floor_ratio(self) -> float:
+        """Medians F / A: what compressing alone costs on this machine."""
+        return ratio(statistics.median(t.wall_s for t in self.floor),
+                     statistics.median(t.wall_s for t in self.baseline))
+
     def all_runs(self) -> list[RunNow]:
         runs = [*self.default_runs, *self.gzip6_runs]
         if self.small_run is not None:
@@ -837,7 +868,7 @@ class Report:
         return runs
 
     def all_timed(self) -> list[Timed]:
-        steps = [*self.baseline, *self.bare_z6, *(r.timed for r in self.all_runs())]
+        steps = [*self.baseline, *self.floor, *self.bare_z6, *(r.timed for r in self.all_runs())]
         if self.legacy is not None:
             steps += [self.legacy.dump, self.legacy.sha, self.legacy.upload]
         if self.shell is not None:
@@ -897,6 +928,10 @@ class Report:
         for t in self.baseline:
             out.append(f"  run {t.wall_s:7.2f} s   {t.cpu.line()}")
         out.append(f"  A = {a:.2f} s (best of {len(self.baseline)})")
+        if self.floor:
+            for t in self.floor:
+                out.append(f"  F run {t.wall_s:5.2f} s   {t.cpu.line()}")
+            out.append(f"  F = {self.floor[0].label}: medians F / A = {self.floor_ratio():.3f}")
 
         ours = self.ours()
         r_def = ratio(ours.wall_s, a)
@@ -914,6 +949,10 @@ class Report:
         r_med = ratio(med_ours, med_a)
         out.append(f"  medians: --run-now {med_ours:.2f} s / A {med_a:.2f} s = {r_med:.3f} "
                    f"({verdict(r_med <= TARGET_DEFAULT_RATIO)} <= {TARGET_DEFAULT_RATIO})")
+        if self.floor:
+            med_f = statistics.median(t.wall_s for t in self.floor)
+            out.append(f"  medians: --run-now {med_ours:.2f} s / F {med_f:.2f} s = "
+                       f"{ratio(med_ours, med_f):.3f}")
 
         if self.verify:
             out.append(f"  verify (test restore, rows vs the stream's counts): "
@@ -1029,6 +1068,13 @@ class Report:
         med_ours = statistics.median(r.wall_s for r in self.default_runs)
         out.append(f"| ... medians: `--run-now` / A | {med_ours:.2f} / {med_a:.2f} | "
                    f"{ratio(med_ours, med_a):.2f} | | |")
+        if self.floor:
+            med_f = statistics.median(t.wall_s for t in self.floor)
+            out.append(f"| F: `pg_dump -Fc -Z0 \\| zstd -{parse_compression(self.default).level}"
+                       f" > FILE`, C tools only (x{len(self.floor)}), medians | {med_f:.2f} | "
+                       f"{self.floor_ratio():.2f} x A | | |")
+            out.append(f"| ... medians: `--run-now` / F | {med_ours:.2f} / {med_f:.2f} | "
+                       f"{ratio(med_ours, med_f):.2f} | | |")
         if self.verify:
             out.append(f"| `mt5backupd verify` of a default backup (restore, rows vs counts) | "
                        f"{self.verify.get('restore_duration_s', '?')} | | "
@@ -1143,10 +1189,18 @@ def run(b: Bench, report: Report) -> None:
     b.start_receiver()
     log(f"   receiver pid {b.rx_pid} on {b.rx_url}")
 
-    say = step(f"1. baseline A: pg_dump -Fc -Z0 > /dev/null x{args.repeat}")
+    level = parse_compression(report.default).level
+    say = step(f"1. baseline A: pg_dump -Fc -Z0 > /dev/null, and the floor F: pg_dump -Fc -Z0 "
+               f"| zstd -{level} > FILE, x{args.repeat} each")
     for _ in range(args.repeat):
         report.baseline.append(b.bare_dump(0))
-        say(f"{report.baseline[-1].wall_s:.2f} s  {report.baseline[-1].cpu.line()}")
+        say(f"A {report.baseline[-1].wall_s:.2f} s  {report.baseline[-1].cpu.line()}")
+        floor = zstd_floor(b, level)
+        if floor is None:
+            report.skipped.append("floor F: no zstd binary")
+            break
+        report.floor.append(floor)
+        say(f"F {floor.wall_s:.2f} s  {floor.cpu.line()}")
 
     say = step(f"2. --run-now with the default {report.default} x{args.repeat}")
     for _ in range(args.repeat):

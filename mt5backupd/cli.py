@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import NoReturn
-
-from loguru import logger
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from mt5backupd import __version__
-from mt5backupd.backup.result import BackupResult
-from mt5backupd.config import Config, file_mode_problems, load_config, resolve_config_path
-from mt5backupd.daemon.schedule import SCHEDULE_CHECKS
+from mt5backupd.config import (
+    Config,
+    check_schedule,
+    file_mode_problems,
+    load_config,
+    resolve_config_path,
+)
 from mt5backupd.errors import (
     EXIT_CONFIG,
     EXIT_OK,
@@ -27,8 +28,27 @@ from mt5backupd.errors import (
     Mt5BackupError,
     UsageError,
 )
-from mt5backupd.logs import setup_logging
 from mt5backupd.tuning import tune_process
+
+if TYPE_CHECKING:
+    from mt5backupd.backup.result import BackupResult
+    from mt5backupd.logs import LogSettings
+
+# Nothing heavy is imported at the top: `--run-now` starts pg_dump right after the config is
+# loaded (backup/runstart), and asyncio, loguru and the run's clients load while it runs.
+T = TypeVar("T")
+
+
+def _arun(main: Coroutine[Any, Any, T]) -> T:
+    import asyncio
+
+    return asyncio.run(main)
+
+
+def setup_logging(cfg: LogSettings | None, component: str, *, verbose: bool = False) -> None:
+    from mt5backupd.logs import setup_logging as setup
+
+    setup(cfg, component, verbose=verbose)
 
 
 def _add_common(p: argparse.ArgumentParser, *, top: bool) -> None:
@@ -142,10 +162,25 @@ def _config_path(args: argparse.Namespace) -> Path | None:
     return path if explicit or path.exists() else None
 
 
-def _load(args: argparse.Namespace, *, check_modes: bool = True) -> Config:
+def _load(args: argparse.Namespace, *, check_modes: bool = True,
+          check_schedule_now: bool = True) -> Config:
+    """The config; a bad cron or zone in [schedule] is refused here unless the caller checks
+    it later (``_check_schedule``)."""
     env_file = Path(args.env_file) if args.env_file else None
+    checks = None
+    if check_schedule_now:
+        from mt5backupd.daemon.schedule import SCHEDULE_CHECKS
+
+        checks = SCHEDULE_CHECKS
     return load_config(_config_path(args), env_file=env_file, check_modes=check_modes,
-                       schedule_checks=SCHEDULE_CHECKS)
+                       schedule_checks=checks)
+
+
+def _check_schedule(config: Config) -> None:
+    from mt5backupd.daemon.schedule import SCHEDULE_CHECKS
+
+    check_schedule(config.schedule, SCHEDULE_CHECKS,
+                   str(config.source) if config.source else "<defaults>")
 
 
 def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
@@ -156,7 +191,7 @@ def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
     daemon = Daemon(config, _config_path(args),
                     Path(args.env_file) if args.env_file else None,
                     dict(jobs.DAEMON_JOBS))
-    asyncio.run(daemon.run())
+    _arun(daemon.run())
     return EXIT_OK
 
 
@@ -168,14 +203,14 @@ def _print_result(result: BackupResult, as_json: bool) -> None:
 
 
 def _cmd_run_now(args: argparse.Namespace, config: Config) -> int:
-    setup_logging(config.log, "backup", verbose=args.verbose)
     if args.job == "database":
-        result = asyncio.run(_database_now(config, sys.stderr.isatty() and not args.json))
+        result = _database_now(args, config)
     else:
+        setup_logging(config.log, "backup", verbose=args.verbose)
         from mt5backupd.daemon.jobs import run_base_now, run_repository_now
 
-        result = asyncio.run(run_base_now(config) if args.job == "base"
-                             else run_repository_now(config))
+        result = _arun(run_base_now(config) if args.job == "base"
+                       else run_repository_now(config))
     _print_result(result, args.json)
     global _exit_fast
     _exit_fast = True
@@ -191,6 +226,8 @@ def entry() -> NoReturn:
     is closed, every child reaped and every log line written (the sinks are closed here)."""
     code = main()
     if _exit_fast:
+        from loguru import logger
+
         logger.remove()  # closes and flushes every sink
         with contextlib.suppress(OSError, ValueError):
             sys.stdout.flush()
@@ -199,26 +236,31 @@ def entry() -> NoReturn:
     sys.exit(code)
 
 
-async def _database_now(config: Config, show_progress: bool) -> BackupResult:
-    """pg_dump first, then the imports of the run (HTTP and database clients, ~0.2 s), which
-    overlap its catalog phase; a failure to begin is raised inside the recorded run."""
+def _database_now(args: argparse.Namespace, config: Config) -> BackupResult:
+    """pg_dump first, then logging and the imports of the run (asyncio, HTTP and database
+    clients, ~0.2 s), which overlap its catalog phase; a failure to begin is raised inside the
+    recorded run."""
     from mt5backupd.backup.runstart import RunStart
 
     start = RunStart(config)
     with contextlib.suppress(Exception):  # kept in start.error, raised by the run below
-        await start.begin()
+        start.begin()
     try:
+        setup_logging(config.log, "backup", verbose=args.verbose)
+        _check_schedule(config)  # the scheduler's import pulls in asyncio: after the start
         from mt5backupd.daemon.jobs import run_database
 
-        return await run_database(config, show_progress=show_progress, start=start)
+        return _arun(run_database(config, show_progress=sys.stderr.isatty() and not args.json,
+                                  start=start))
     finally:
-        await start.close()
+        if not start.closed:  # a run that never got far enough to end what was begun
+            _arun(start.close())
 
 
 def _cmd_list(args: argparse.Namespace, config: Config) -> int:
     from mt5backupd.ops import listing
 
-    entries = (asyncio.run(listing.remote_entries(config)) if args.remote
+    entries = (_arun(listing.remote_entries(config)) if args.remote
                else listing.local_entries(config))
     if args.json:
         print(json.dumps([e.to_json() for e in entries], indent=2))
@@ -228,7 +270,7 @@ def _cmd_list(args: argparse.Namespace, config: Config) -> int:
         if config.wal.enabled or wal or any(e.kind == "base" for e in entries):
             from mt5backupd.ops.pitr import window_line
 
-            print(asyncio.run(window_line(config, remote=args.remote)))
+            print(_arun(window_line(config, remote=args.remote)))
     return EXIT_OK
 
 
@@ -240,7 +282,7 @@ def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
         return _restore_pitr(args, config)
     if args.target_db is None:
         raise UsageError("restore needs --target-db NAME (or --pitr --target-dir DIR)")
-    result = asyncio.run(restore.restore(
+    result = _arun(restore.restore(
         config, args.backup, args.target_db, source=args.source, create=args.create,
         jobs=args.jobs, force=args.force, no_owner=args.no_owner,
         identity_files=[Path(p) for p in args.identity]))
@@ -253,7 +295,7 @@ def _restore_pitr(args: argparse.Namespace, config: Config) -> int:
 
     if args.target_dir is None:
         raise UsageError("restore --pitr needs --target-dir DIR")
-    result = asyncio.run(restore_pitr(config, args.backup, Path(args.target_dir),
+    result = _arun(restore_pitr(config, args.backup, Path(args.target_dir),
                                       to_time=args.to_time, source=args.source,
                                       identity_files=[Path(p) for p in args.identity]))
     print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
@@ -271,7 +313,7 @@ def _cmd_check(args: argparse.Namespace, config: Config) -> int:
     if problems:
         text, code = refused_files_report(problems, args.json)
     else:
-        text, code = report(asyncio.run(run_checks(config)), args.json)
+        text, code = report(_arun(run_checks(config)), args.json)
     print(text)
     return code
 
@@ -280,7 +322,7 @@ def _cmd_verify(args: argparse.Namespace, config: Config) -> int:
     from mt5backupd.daemon.jobs import run_verify
 
     setup_logging(config.log, "verify", verbose=args.verbose)
-    outcome = asyncio.run(run_verify(config, args.backup, [Path(p) for p in args.identity],
+    outcome = _arun(run_verify(config, args.backup, [Path(p) for p in args.identity],
                                      pitr=args.pitr))
     print(json.dumps(outcome.to_json(), indent=2) if args.json else outcome.summary())
     if outcome.skipped:
@@ -292,7 +334,7 @@ def _cmd_upload_pending(args: argparse.Namespace, config: Config) -> int:
     from mt5backupd.daemon.jobs import upload_pending_now
 
     setup_logging(config.log, "backup", verbose=args.verbose)
-    done, left = asyncio.run(upload_pending_now(config))
+    done, left = _arun(upload_pending_now(config))
     if args.json:
         print(json.dumps({"uploaded": done, "pending": left}))
     else:
@@ -329,7 +371,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     setup_logging(None, "demo", verbose=args.verbose)
     keep = Path(args.keep) if args.keep else None
-    return asyncio.run(run_demo(size_bytes=int(args.size_mb * 1e6), keep_dir=keep,
+    return _arun(run_demo(size_bytes=int(args.size_mb * 1e6), keep_dir=keep,
                                 as_json=args.json))
 
 
@@ -356,7 +398,7 @@ def _cmd_receiver(args: argparse.Namespace, config: Config) -> int:
             print(f"token {args.name!r} removed", file=sys.stderr)
             return EXIT_OK
     setup_logging(config.log, "receiver", verbose=args.verbose)
-    asyncio.run(serve(config))
+    _arun(serve(config))
     return EXIT_OK
 
 
@@ -381,7 +423,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_demo(args)
         if args.command == "keygen":
             return _cmd_keygen(args)
-        config = _load(args, check_modes=args.command != "check")
+        # `--run-now` of the database checks [schedule] once pg_dump runs (_database_now)
+        early_dump = args.run_now and args.command is None and args.job == "database"
+        config = _load(args, check_modes=args.command != "check",
+                       check_schedule_now=not early_dump)
         if args.run_now:
             if args.command is not None:
                 parser.error("--run-now takes no command")
@@ -392,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(args, config)
     except Mt5BackupError as exc:
         if verbose:
+            from loguru import logger
+
             logger.opt(exception=exc).debug("traceback")
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

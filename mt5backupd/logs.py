@@ -1,6 +1,6 @@
 """Logging: loguru, human lines on stderr (journald adds its own timestamps), JSON lines on disk.
 
-Known secret values are registered here and masked in every message, including messages that
+Known secret values (registered in ``redact``) are masked in every message, including messages that
 arrive from stdlib loggers (aiohttp, apscheduler), so a token can never reach a log file.
 """
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from loguru import logger
+
+from mt5backupd.redact import MASK, any_registered, mask, register_secret
 
 if TYPE_CHECKING:
     from loguru import Record
@@ -30,25 +32,8 @@ class LogSettings(Protocol):
     @property
     def retention_files(self) -> int: ...
 
-_secrets: set[str] = set()
-MASK = "***"
-
-
-def register_secret(value: str) -> None:
-    """Mask ``value`` in every later log message. Short values are ignored (too many false hits)."""
-    if len(value) >= 6:
-        _secrets.add(value)
-
-
-def mask(text: str) -> str:
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    return text
-
-
 def _patch(record: Record) -> None:
-    if _secrets:
+    if any_registered():
         record["message"] = mask(record["message"])
 
 
@@ -100,4 +85,4 @@ def setup_logging(cfg: LogSettings | None, component: str, *, verbose: bool = Fa
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-__all__ = ["mask", "register_secret", "setup_logging"]
+__all__ = ["MASK", "mask", "register_secret", "setup_logging"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from mt5backupd.backup.childenv import pg_dump_argv
 from mt5backupd.backup.dump import (
     check_dump_compatible,
     parse_tool_version,
-    pg_dump_argv,
     server_major,
 )
 from mt5backupd.config import (

@@ -3,6 +3,7 @@ when it does not, never started where it would wait or where another dump is wan
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -13,16 +14,19 @@ import pytest
 from loguru import logger
 
 from mt5backupd.backup import spool
-from mt5backupd.backup.dump import pg_dump_argv, run_dump
+from mt5backupd.backup.childenv import pg_dump_argv
+from mt5backupd.backup.dump import run_dump
 from mt5backupd.backup.run import run_backup
 from mt5backupd.backup.runlock import RunLock
 from mt5backupd.backup.runstart import RunStart, dump_may_start_early
+from mt5backupd.backup.toolproc import start_tool
 from mt5backupd.backup.upload_state import UploadState
 from mt5backupd.config import parse_compression
-from mt5backupd.errors import LockHeldError, Mt5BackupError
+from mt5backupd.errors import ConfigError, LockHeldError, Mt5BackupError
 from mt5backupd.testkit.dbcontent import table_row_counts
 from tests.backup_fixtures import BackupSetup, config_toml, write_token
 from tests.pg_fixtures import process_gone
+from tests.waits import wait_until
 
 
 def recording_pg_dump(tmp_path: Path, real: str) -> tuple[Path, Path]:
@@ -78,8 +82,9 @@ async def test_early_pg_dump_is_the_one_pumped(backup_setup: BackupSetup,
     wrapper, log = recording_pg_dump(tmp_path, backup_setup.cfg.database.pg_dump)
     cfg = backup_setup.with_(database={"pg_dump": str(wrapper)})
     start = RunStart(cfg)
-    await start.begin()
-    assert len(started_pids(log)) == 1  # before any preflight step ran
+    start.begin()
+    # started before any preflight step ran (the wrapper writes its pid once it runs)
+    await wait_until(lambda: len(started_pids(log)) == 1, 10, "the early pg_dump")
     result = await run_backup(cfg, start=start)
     assert result.ok, result.error
     assert len(started_pids(log)) == 1
@@ -116,7 +121,7 @@ async def test_a_dump_that_fails_before_its_pump_is_ended_and_heard(
     wrapper, log = recording_pg_dump(tmp_path, backup_setup.cfg.database.pg_dump)
     cfg = backup_setup.with_(database={"pg_dump": str(wrapper)})
     start = RunStart(cfg)
-    await start.begin()
+    start.begin()
     spawned = await start.take_dump(pg_dump_argv(cfg.database))
     assert spawned is not None and spawned.drain is not None
 
@@ -141,7 +146,9 @@ async def test_a_dump_that_fails_before_its_pump_is_ended_and_heard(
     sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
     try:
         start = RunStart(backup_setup.with_(database={"pg_dump": str(talker)}))
-        await start.begin()
+        start.begin()
+        assert start._dump is not None
+        assert await asyncio.wait_for(start._dump.proc.wait(), 10) == 1  # it failed by itself
         await start.close()
     finally:
         logger.remove(sink)
@@ -174,3 +181,57 @@ def test_run_now_failing_to_begin_is_recorded(backup_setup: BackupSetup, tmp_pat
     last = state["jobs"]["database"]["last_run"]
     assert last["result"] == "failure"
     assert "[database] dbname" in last["error"]
+
+
+def test_nothing_heavy_is_imported_before_pg_dump_starts() -> None:
+    """What `--run-now` imports before it starts pg_dump (the CLI, the config loader, the run's
+    start; the scheduler's checks of [schedule] come after) pulls in no event loop, logging
+    library or client: those load while pg_dump runs."""
+    probe = ("import sys\n"
+             "import mt5backupd.cli, mt5backupd.backup.runstart\n"
+             "mt5backupd.cli._load(mt5backupd.cli.build_parser().parse_args(['--run-now']),\n"
+             "                     check_modes=False, check_schedule_now=False)\n"
+             "heavy = ('asyncio', 'loguru', 'aiohttp', 'asyncpg', 'numpy', 'prometheus_client')\n"
+             "print(' '.join(m for m in heavy if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.split() == [], out.stdout
+
+
+async def test_a_tool_started_without_a_loop_is_awaited_and_heard(tmp_path: Path) -> None:
+    """toolproc: started before any event loop, a tool is waited for through a pidfd (or a
+    thread where there is none), its stderr read as a stream and its stdout from the pipe."""
+    for pidfd in (True, False):
+        spawned = start_tool(["/bin/sh", "-c", "echo out; echo 'the reason' >&2; exit 3"],
+                             {"PATH": os.environ["PATH"]})
+        if not pidfd:
+            spawned.proc._pidfd = False  # as on a kernel without pidfd_open
+        assert await spawned.proc.wait() == 3
+        assert spawned.proc.returncode == 3
+        assert (await (await spawned.proc.stderr()).read()).strip() == b"the reason"
+        assert os.read(spawned.read_fd, 100) == b"out\n"
+        await spawned.stop()
+        await spawned.stop()  # idempotent
+        assert spawned.closed
+    with pytest.raises(ConfigError, match=r"\[database\] pg_dump: .* not found"):
+        start_tool([str(tmp_path / "missing")], {})
+
+
+def test_run_now_refuses_a_bad_schedule_after_starting(backup_setup: BackupSetup,
+                                                       tmp_path: Path) -> None:
+    """`--run-now` checks [schedule] once pg_dump runs: a bad cron still fails it (exit 4, one
+    line naming the key), and the pg_dump begun for it is stopped, the lock released."""
+    wrapper, log = recording_pg_dump(tmp_path, backup_setup.cfg.database.pg_dump)
+    config = tmp_path / "config.toml"
+    config.write_text(config_toml(backup_setup).replace(
+        f'pg_dump = "{backup_setup.cfg.database.pg_dump}"', f'pg_dump = "{wrapper}"')
+        + '[schedule]\ndatabase = "0 3 * *"\n')
+    config.chmod(0o600)
+    proc = subprocess.run([sys.executable, "-m", "mt5backupd", "--config", str(config),
+                           "--run-now"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "NO_COLOR": "1"}, check=False)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {config}: [schedule] database")
+    (pid,) = started_pids(log)
+    assert process_gone(pid)
+    RunLock(backup_setup.cfg.local.dir).acquire()

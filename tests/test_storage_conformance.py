@@ -210,7 +210,7 @@ async def test_abort_removes_the_upload(receiver: Receiver, http: aiohttp.Client
 async def test_legacy_one_shot_upload_and_sidecar(
         receiver: Receiver, http: aiohttp.ClientSession) -> None:
     """The legacy multipart upload stores and verifies; the .sha256 line and the bytes come
-    back; a wrong declared sha256 is 422 and stores nothing."""
+    back; a wrong declared sha256 is 422 and an empty body 400, and neither stores anything."""
     api = Api(http, receiver, receiver.tokens.alice)
     data = os.urandom(TEST_PART_BYTES + 4321)
     form = aiohttp.FormData()
@@ -224,6 +224,15 @@ async def test_legacy_one_shot_upload_and_sidecar(
     async with http.post(f"{receiver.url}/api/backup/upload?name=wrong.dump&sha256={'1' * 64}",
                          data=b"abc", headers=api.h) as resp:
         assert resp.status == 422
+    # an empty body (a legacy script whose pg_dump failed before its first byte) stores nothing
+    empty = aiohttp.FormData()
+    empty.add_field("file", b"", filename="empty.dump")
+    for body in (empty, b""):
+        async with http.post(f"{receiver.url}/api/backup/upload?name=empty.dump", data=body,
+                             headers=api.h) as resp:
+            assert resp.status == 400, await resp.text()
+            answer = await resp.json()
+            assert answer["error"] == "bad_request" and "empty upload" in answer["message"]
     assert await api.list() == ["legacy.dump"]
 
 

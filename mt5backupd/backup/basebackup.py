@@ -24,8 +24,9 @@ from pyrage import x25519
 
 from mt5backupd.backup import compress
 from mt5backupd.backup.archive import check_tar
+from mt5backupd.backup.childenv import pg_child_env
 from mt5backupd.backup.database import connect_db
-from mt5backupd.backup.dump import pg_child_env, run_dump, tool_version
+from mt5backupd.backup.dump import run_dump, tool_version
 from mt5backupd.backup.shipspec import ProduceStats, ShipSpec, check_generated_names
 from mt5backupd.backup.tarwatch import TarWatcher
 from mt5backupd.config import Config, Secret

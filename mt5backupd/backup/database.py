@@ -21,19 +21,14 @@ from loguru import logger
 from pyrage import x25519
 
 from mt5backupd.backup import compress, customformat, spool
-from mt5backupd.backup.dump import (
-    SpawnedDump,
-    check_dump_compatible,
-    pg_child_env,
-    pg_dump_argv,
-    run_dump,
-    server_major,
-)
+from mt5backupd.backup.childenv import pg_child_env, pg_dump_argv
+from mt5backupd.backup.dump import check_dump_compatible, run_dump, server_major
 from mt5backupd.backup.pgrestore import list_archive
 from mt5backupd.backup.rowcounts import count_rows, exact_counts, table_estimates
 from mt5backupd.backup.runstart import RunStart
 from mt5backupd.backup.shipspec import ProduceStats, ShipSpec
 from mt5backupd.backup.toolcache import cached_tool_version
+from mt5backupd.backup.toolproc import SpawnedDump
 from mt5backupd.config import Config, DatabaseConfig, Secret
 from mt5backupd.errors import ConfigError, Mt5BackupError
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pyrage import x25519
 
+from mt5backupd.backup.childenv import child_env
 from mt5backupd.backup.compress import decompress_file_to_fd, is_zstd_file
-from mt5backupd.backup.dump import child_env
 from mt5backupd.backup.encryption import decrypt_to_fd, is_age_file
 from mt5backupd.errors import ArchiveUnreadableError, ConfigError, Mt5BackupError
 

@@ -12,7 +12,8 @@ exported snapshot (``gzip:N``: pg_dump needs that snapshot's name first), or ear
 waiting for their upload (the run sends those first, and a waiting pg_dump would hold its
 snapshot and its table locks on the server the whole time).
 
-This module stays light (no aiohttp, no asyncpg): ``--run-now`` imports it first.
+This module and what it imports stay light (no asyncio, loguru, aiohttp or asyncpg): ``--run-now``
+begins a run with it before any of those is imported, and pg_dump runs while they load.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ import time
 from datetime import UTC, datetime
 from types import TracebackType
 
-from loguru import logger
-
 from mt5backupd.backup import customformat, spool
-from mt5backupd.backup.dump import SpawnedDump, pg_child_env, pg_dump_argv, spawn_dump
+from mt5backupd.backup.childenv import pg_child_env, pg_dump_argv
 from mt5backupd.backup.runlock import RunLock
 from mt5backupd.backup.shipspec import check_generated_names
+from mt5backupd.backup.toolproc import SpawnedDump, start_tool
 from mt5backupd.config import Config, DatabaseConfig
 from mt5backupd.config.secret import Secret
 from mt5backupd.config.secretfiles import check_pgpass, database_password
@@ -69,10 +69,17 @@ class RunStart:
         if self.error is not None:
             raise self.error
         if not self.begun:
-            await self.begin()
+            try:
+                self.begin()
+            except BaseException:
+                await self.close()
+                raise
         return self
 
-    async def begin(self) -> None:
+    def begin(self) -> None:
+        """The lock, the password and pg_dump (when it may start early). No event loop needed;
+        on failure the exception is kept in ``error`` and raised, and ``close()`` undoes what
+        was done."""
         cfg = self.cfg
         self.began = (datetime.now(UTC), time.monotonic())
         try:
@@ -86,16 +93,14 @@ class RunStart:
                 check_pgpass()
             if dump_may_start_early(cfg):
                 env = self._env.enter_context(pg_child_env(cfg.database, self.password))
-                self._dump = await spawn_dump(pg_dump_argv(cfg.database), env)
+                self._dump = start_tool(pg_dump_argv(cfg.database), env)
                 self._dump.start_draining(cfg.local.dir)
                 # the row counter's numpy (~0.1 s of imports) while the preflight runs, not
                 # when pg_dump's bytes already wait in the pipe
                 threading.Thread(target=customformat.preload, name="preload",
                                  daemon=True).start()
-        except BaseException as exc:
-            if isinstance(exc, Exception):
-                self.error = exc
-            await self.close()
+        except Exception as exc:
+            self.error = exc
             raise
 
     async def take_dump(self, argv: list[str]) -> SpawnedDump | None:
@@ -112,11 +117,19 @@ class RunStart:
         if dump is not None:
             await dump.stop()
 
+    @property
+    def closed(self) -> bool:
+        """Nothing left for ``close()`` to end: no pg_dump, no lock (nor the passfile, which
+        only exists while the lock is held)."""
+        return self._dump is None and not self.lock.held
+
     async def close(self) -> None:
         """Stop a pg_dump nobody took, remove its passfile, release the lock (idempotent)."""
         dump, self._dump = self._dump, None  # before any await: a second close never sees it
         try:
             if dump is not None:
+                from loguru import logger
+
                 logger.debug("stopping the pg_dump started for this run: the run did not use it")
                 await dump.stop()
         finally:

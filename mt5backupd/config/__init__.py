@@ -20,6 +20,7 @@ from mt5backupd.config.loader import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
     ScheduleChecks,
+    check_schedule,
     load_config,
     resolve_config_path,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "Secret",
     "StorageConfig",
     "WalConfig",
+    "check_schedule",
     "file_mode_problems",
     "is_plain_http_remote",
     "load_config",

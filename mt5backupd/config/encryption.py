@@ -11,7 +11,7 @@ from pyrage import IdentityError, RecipientError, x25519
 
 from mt5backupd.config.filemodes import file_mode_problem
 from mt5backupd.errors import ConfigError
-from mt5backupd.logs import register_secret
+from mt5backupd.redact import register_secret
 
 RECIPIENT_PREFIX = "age1"
 IDENTITY_PREFIX = "AGE-SECRET-KEY-1"

@@ -225,20 +225,28 @@ def _load_schedule(sec: Section, checks: ScheduleChecks | None) -> ScheduleConfi
         misfire_grace_s=sec.float_min("misfire_grace_s", d.misfire_grace_s, 1.0),
     )
     if checks is not None:
-        if cfg.timezone:
-            try:
-                checks.timezone(cfg.timezone)
-            except ValueError as exc:
-                raise sec.error("timezone", str(exc)) from None
-        for key in ("database", "repository", "verify", "upload_pending", "base"):
-            expr = getattr(cfg, key)
-            if expr:
-                try:
-                    checks.cron(expr, cfg.timezone)
-                except ValueError as exc:
-                    raise sec.error(key, str(exc)) from None
+        check_schedule(cfg, checks, sec.where)
     sec.finish()
     return cfg
+
+
+def check_schedule(cfg: ScheduleConfig, checks: ScheduleChecks, where: str) -> None:
+    """The scheduler's checks of ``[schedule]`` (zone, every cron expression): a ConfigError
+    ``WHERE: [schedule] KEY: why`` for the first that fails. Part of ``load_config`` when it
+    is given the checks; ``--run-now`` runs them after pg_dump started (the scheduler's import
+    pulls in asyncio)."""
+    if cfg.timezone:
+        try:
+            checks.timezone(cfg.timezone)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: [schedule] timezone: {exc}") from None
+    for key in ("database", "repository", "verify", "upload_pending", "base"):
+        expr = getattr(cfg, key)
+        if expr:
+            try:
+                checks.cron(expr, cfg.timezone)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: [schedule] {key}: {exc}") from None
 
 
 def _load_repository(sec: Section) -> RepositoryConfig:

@@ -15,7 +15,7 @@ from mt5backupd.config.model import DatabaseConfig, RemoteConfig
 from mt5backupd.config.secret import CREDENTIAL_DB_PASSWORD, CREDENTIAL_REMOTE_TOKEN, Secret
 from mt5backupd.errors import ConfigError
 from mt5backupd.fsutil import insecure_mode
-from mt5backupd.logs import register_secret
+from mt5backupd.redact import register_secret
 
 
 def read_secret_file(path: Path, what: str) -> Secret:

@@ -19,9 +19,9 @@ from loguru import logger
 from pyrage import x25519
 
 from mt5backupd.backup import spool
+from mt5backupd.backup.childenv import pg_child_env
 from mt5backupd.backup.compress import is_zstd_file
 from mt5backupd.backup.database import connect_db
-from mt5backupd.backup.dump import pg_child_env
 from mt5backupd.backup.encryption import (
     DecryptionFailedError,
     NoIdentityError,

@@ -18,8 +18,8 @@ from loguru import logger
 from pyrage import x25519
 
 from mt5backupd.backup import spool
+from mt5backupd.backup.childenv import pg_child_env
 from mt5backupd.backup.database import connect_db
-from mt5backupd.backup.dump import pg_child_env
 from mt5backupd.backup.pgrestore import failure_reason, list_archive, run_pg_restore
 from mt5backupd.backup.rowcounts import compare, table_key
 from mt5backupd.backup.runlock import RunLock

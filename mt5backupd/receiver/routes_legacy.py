@@ -61,6 +61,10 @@ async def legacy_upload(request: web.Request) -> web.Response:
             else:
                 temp = await storage.receive_temp(client, body_chunks(request),
                                                   request.content_length)
+        if temp.size == 0:
+            # what a legacy script sends when its pg_dump failed before writing a byte
+            # (`pg_dump ... ; curl -F file=@...`): never a backup
+            raise BadRequest("empty upload: the body holds no backup bytes; nothing stored")
         final, temp = temp, None
         record = await storage.publish_temp(final, name or _default_name(), kind, metadata,
                                             expected)

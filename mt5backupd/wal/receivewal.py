@@ -2,7 +2,7 @@
 dies, stopped cleanly (SIGTERM, then SIGKILL) on shutdown, its stderr in our log.
 
 It runs with the clean child environment and the password in a private passfile
-(``backup.dump.pg_child_env``), and dies with the daemon (PR_SET_PDEATHSIG): a daemon killed
+(``backup.childenv.pg_child_env``), and dies with the daemon (PR_SET_PDEATHSIG): a daemon killed
 with -9 must not leave a receiver holding the slot, or its successor could not stream.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from loguru import logger
 
 from mt5backupd.backoff import backoff_delays
-from mt5backupd.backup.dump import pg_child_env
+from mt5backupd.backup.childenv import pg_child_env
 from mt5backupd.config import Config, Secret
 
 PR_SET_PDEATHSIG = 1
