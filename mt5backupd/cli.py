@@ -243,9 +243,9 @@ def _database_now(args: argparse.Namespace, config: Config) -> BackupResult:
     from mt5backupd.backup.runstart import RunStart
 
     start = RunStart(config)
-    with contextlib.suppress(Exception):  # kept in start.error, raised by the run below
-        start.begin()
     try:
+        with contextlib.suppress(Exception):  # kept in start.error, raised by the run below
+            start.begin()
         setup_logging(config.log, "backup", verbose=args.verbose)
         _check_schedule(config)  # the scheduler's import pulls in asyncio: after the start
         from mt5backupd.daemon.jobs import run_database

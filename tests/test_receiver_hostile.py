@@ -177,6 +177,36 @@ async def test_non_utf8_token_is_401_like_any_bad_token(receiver: Receiver) -> N
         assert (reply.status, reply.body) == (401, wrong.body)
 
 
+async def test_aiohttps_own_refusals_answer_in_json(receiver: Receiver) -> None:
+    """No such path, a method the path lacks, a JSON body over aiohttp's limit, an id walking
+    up with `..`: 4xx in the same JSON as every other refusal, never aiohttp's plain text."""
+    h = receiver.auth(receiver.tokens.alice)
+    async with aiohttp.ClientSession() as http:
+        cases = [
+            ("GET", "/api/v1/nothing-here", None, 404, "not_found"),
+            ("PUT", "/api/v1/whoami", None, 405, "method_not_allowed"),
+            ("POST", "/api/v1/uploads", b'{"name": "' + b"x" * (2 << 20) + b'"}', 413,
+             "too_large"),
+            ("GET", "/api/backup/download/..%2F..%2Fetc%2Fpasswd", None, 400, "invalid_id"),
+        ]
+        for method, path, body, status, reason in cases:
+            async with http.request(method, f"{receiver.url}{path}", data=body,
+                                    headers={**h, "Content-Type": "application/json"}) as resp:
+                assert resp.status == status, (path, await resp.text())
+                answer = await resp.json()
+                assert answer["error"] == reason, (path, answer)
+                if status == 405:
+                    assert "GET" in resp.headers["Allow"]
+    # a path walking up, sent as is (a client library would have resolved the `..`)
+    token = receiver.tokens.alice.encode()
+    for path in (b"/api/backup/download/../../etc/passwd", b"/api/../../x", b"/nothing"):
+        reply = await raw_request(receiver.url, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n"
+                                  b"Authorization: Bearer " + token +
+                                  b"\r\nConnection: close\r\n\r\n")
+        assert reply is not None and 400 <= reply.status < 500, path
+        assert json.loads(reply.body)["error"] in ("not_found", "invalid_id", "bad_request"), path
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("0", 0), ("42", 42), ("007", 7), ("", None), (None, None), ("²", None), ("٣", None),

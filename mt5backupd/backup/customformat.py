@@ -28,7 +28,6 @@ such chunks are checked in bulk with numpy (``_scan_row_chunks``), exactly; anyt
 from __future__ import annotations
 
 import bisect
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -345,10 +344,6 @@ def _numpy() -> Any:
     every chunk takes the plain walker (exact too, only slower)."""
     global _np, _np_missing
     if _np is None and not _np_missing:
-        # numpy's bundled OpenBLAS starts a thread per core at import (~50 ms of CPU taken from
-        # pg_dump on a small machine); the scan never multiplies a matrix. Children never see
-        # this variable (childenv.child_env passes an allow-list).
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         try:
             import numpy
         except ImportError:

@@ -95,7 +95,11 @@ class ToolProcess:
 
     def close(self) -> None:
         """Close our end of its stderr (idempotent; the tool is gone or being stopped)."""
-        if self._transport is not None:
+        if self._stderr is not None and not self._stderr.done():
+            # being attached (a stop cancelled meanwhile): the transport owns the pipe the
+            # moment it exists, so it is closed then, never the file under it
+            self._stderr.add_done_callback(lambda _task: self.close())
+        elif self._transport is not None:
             self._transport.close()
         elif self._popen.stderr is not None:
             self._popen.stderr.close()

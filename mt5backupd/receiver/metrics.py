@@ -38,6 +38,7 @@ REJECTION_REASONS = (
     "malformed_request",  # not parseable as HTTP (400 before any route or auth)
     "store_unavailable",  # the object store did not answer (503, Retry-After)
     "object_locked",  # a delete refused: the backup is under Object Lock retention
+    "method_not_allowed",  # a path that exists, with a method it does not take (405)
 )
 STORAGE_OPS = ("put", "get", "head", "list", "delete", "create_multipart", "upload_part",
                "upload_part_copy", "complete_multipart", "abort_multipart", "retention")

@@ -67,6 +67,11 @@ def http_status(exc: BaseException) -> int:
     return 500
 
 
+# aiohttp's own refusals (no route, a method the route lacks, a body over client_max_size)
+# answer in the same JSON as ours; other 4xx of aiohttp's count as bad requests
+AIOHTTP_REASONS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
 def error_response(status: int, reason: str, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": reason, "message": message, **extra}, status=status)
 
@@ -108,6 +113,19 @@ async def errors_and_auth(
         return await handler(request)
     except (StorageError, Forbidden) as exc:
         return _refused(request, exc)
+    except web.HTTPException as exc:
+        if not 400 <= exc.status < 500:
+            raise
+        reason = AIOHTTP_REASONS.get(exc.status, "bad_request")
+        metrics.rejections.labels(reason=reason).inc()
+        logger.bind(client=client_name(request)).info(
+            "{} {} refused: {} ({})", short(request.method), short(request.path), reason,
+            short(exc.text or exc.reason))
+        resp = error_response(exc.status, reason, exc.text or exc.reason)
+        for name, value in exc.headers.items():  # Allow of a 405, and whatever else it says
+            if name.lower() not in ("content-type", "content-length"):
+                resp.headers[name] = value
+        return resp
     except RequestPayloadError:
         # The body's framing is broken (bad chunked encoding, a bad compressed stream).
         metrics.rejections.labels(reason="bad_request").inc()
