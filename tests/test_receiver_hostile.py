@@ -199,12 +199,12 @@ async def test_aiohttps_own_refusals_answer_in_json(receiver: Receiver) -> None:
                     assert "GET" in resp.headers["Allow"]
     # a path walking up, sent as is (a client library would have resolved the `..`)
     token = receiver.tokens.alice.encode()
-    for path in (b"/api/backup/download/../../etc/passwd", b"/api/../../x", b"/nothing"):
-        reply = await raw_request(receiver.url, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n"
+    for raw_path in (b"/api/backup/download/../../etc/passwd", b"/api/../../x", b"/nothing"):
+        reply = await raw_request(receiver.url, b"GET " + raw_path + b" HTTP/1.1\r\nHost: x\r\n"
                                   b"Authorization: Bearer " + token +
                                   b"\r\nConnection: close\r\n\r\n")
-        assert reply is not None and 400 <= reply.status < 500, path
-        assert json.loads(reply.body)["error"] in ("not_found", "invalid_id", "bad_request"), path
+        assert reply is not None and 400 <= reply.status < 500, raw_path
+        assert json.loads(reply.body)["error"] in ("not_found", "invalid_id", "bad_request")
 
 
 @pytest.mark.parametrize(
