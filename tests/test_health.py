@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
-from mt5backupd.daemon.health import HealthInput, evaluate
+from mt5backupd.daemon.health import HealthInput, WalHealth, evaluate
+from mt5backupd.daemon.walmetrics import wal_health
 
 UTC_NOW = datetime(2026, 11, 25, 3, 0, 30, tzinfo=UTC)
 
@@ -35,3 +37,57 @@ def test_health_rules(last_success_age_h: float | None, failed: bool,
         max_age_s=26 * 3600, max_pending_age_s=6 * 3600))
     assert result.ok is ok
     assert fragment in " ".join(result.reasons)
+
+
+def _wal(**kw: float | str) -> WalHealth:
+    base: dict[str, Any] = {"lag_s": 0.5, "max_lag_s": 10.0, "status_age_s": 2.0,
+                            "stale_after_s": 30.0, "receiver_down_s": 0.0}
+    return WalHealth(**{**base, **kw})
+
+
+@pytest.mark.parametrize(("wal", "fragment"), [
+    (_wal(), ""),
+    (_wal(lag_s=29.0), ""),  # within 3 x max_lag_s
+    (_wal(lag_s=31.0, remote_error="401 unauthorized"),
+     "31 s of received WAL is not on the receiver (over 3 x [wal] max_lag_s = 30 s): 401"),
+    (_wal(receiver_down_s=120.0), ""),  # a restart, not an outage yet
+    (_wal(receiver_down_s=600.0), "pg_receivewal has been down for 10 min"),
+    (_wal(status_age_s=45.0, lag_s=999.0), "no status from the WAL service for 45 s"),
+])
+def test_wal_health_rules(wal: WalHealth, fragment: str) -> None:
+    """With [wal] on, /health also fails when WAL lags past 3 x max_lag_s (saying why the
+    receiver did not take it), when pg_receivewal stays down 5 minutes, or when the WAL
+    service stopped writing its status (then that is the one reason given)."""
+    result = evaluate(HealthInput(now=UTC_NOW, last_success=UTC_NOW - timedelta(hours=1),
+                                  last_run_failed=False, last_run_error="",
+                                  oldest_pending=None, max_age_s=26 * 3600,
+                                  max_pending_age_s=6 * 3600, wal=wal))
+    assert result.ok is (fragment == ""), result.reasons
+    assert fragment in " ".join(result.reasons)
+    assert len(result.reasons) <= 1
+
+
+NOW_TS = UTC_NOW.timestamp()
+
+
+def _iso(ago_s: float) -> str:
+    return datetime.fromtimestamp(NOW_TS - ago_s, UTC).isoformat()
+
+
+@pytest.mark.parametrize(("status", "lag_s", "age_s", "down_s", "error"), [
+    (None, 0.0, 600.0, 0.0, ""),  # no status yet: aged from the daemon's start
+    ({"updated": _iso(3), "last_received": NOW_TS - 5, "receiver_up": True,
+      "newest_uploaded_received_at": _iso(65), "pending": 3}, 60.0, 3.0, 0.0, ""),
+    # the receiver never took any WAL: the lag runs from the oldest WAL waiting, not from 1970
+    ({"updated": _iso(3), "last_received": NOW_TS - 5, "receiver_up": True,
+      "newest_uploaded_received_at": "", "oldest_pending_received_at": _iso(125),
+      "pending": 9, "remote_error": "401 unauthorized"}, 120.0, 3.0, 0.0, "401 unauthorized"),
+    ({"updated": _iso(1), "last_received": 0, "receiver_up": False,
+      "receiver_down_since": _iso(400)}, 0.0, 1.0, 400.0, ""),
+])
+def test_wal_health_from_the_status_file(status: dict[str, Any] | None, lag_s: float,
+                                         age_s: float, down_s: float, error: str) -> None:
+    health = wal_health(status, NOW_TS, NOW_TS - 600, 10.0)
+    assert (round(health.lag_s), round(health.status_age_s), round(health.receiver_down_s),
+            health.remote_error) == (lag_s, age_s, down_s, error)
+    assert health.stale_after_s == 30.0

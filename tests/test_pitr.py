@@ -24,7 +24,8 @@ from mt5backupd.backup.remote import receiver_client
 from mt5backupd.backup.run import run_base
 from mt5backupd.cli import main
 from mt5backupd.config import Config, EncryptionConfig, LocalConfig, RemoteConfig, WalConfig
-from mt5backupd.daemon.jobs import run_base_now, run_verify
+from mt5backupd.daemon.jobs import run_base_now, run_verify, verify_pitr_job
+from mt5backupd.daemon.service import Daemon
 from mt5backupd.errors import ChecksumMismatchError, ConfigError
 from mt5backupd.ops.pitr import restore_pitr
 from mt5backupd.ops.pitrplan import PitrRefused
@@ -244,6 +245,41 @@ async def test_receiver_away_wal_piles_up_locally_then_ships_in_order(
     pitr.pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
 
 
+async def test_health_says_when_the_receiver_refuses_wal(pitr: Pitr, tmp_path: Path) -> None:
+    """A receiver that refuses the WAL (a revoked token): WAL piles up locally, and once it
+    lags past 3 x max_lag_s the daemon's /health is unhealthy, naming the lag and the refusal;
+    its body says how far WAL lags."""
+    revoked = write_token(tmp_path / "revoked-token", "mt5b_this-token-was-revoked")
+    cfg = dataclasses.replace(pitr.cfg, remote=dataclasses.replace(
+        pitr.cfg.remote, token_file=revoked, max_retries=0))
+    service = WalService(cfg)
+    daemon = Daemon(cfg, None, None, {})
+    service.start()
+    try:
+        await wait_until(lambda: service.receivewal.running, 20, "pg_receivewal running")
+        _insert(pitr.pg, "refused-1")
+        pitr.pg.psql("SELECT pg_switch_wal()")
+        await wait_until(lambda: ShippedIndex.load(shipped_dir(cfg)).pending >= 1, 20,
+                         "WAL stored locally as pending")
+        assert daemon.health()[1]["wal"]["lag_s"] <= 3.0
+        await asyncio.sleep(3.5)  # later WAL, still refused: the lag passes 3 x 1 s
+        _insert(pitr.pg, "refused-2")
+        pitr.pg.psql("SELECT pg_switch_wal()")
+
+        def wal_reasons() -> list[str]:
+            return [r for r in daemon.health()[1]["reasons"] if r.startswith("WAL:")]
+
+        await wait_until(lambda: bool(wal_reasons()), 20, "/health to report the WAL lag")
+    finally:
+        await service.stop()
+    ok, body = daemon.health()
+    assert not ok
+    (reason,) = wal_reasons()
+    assert "not on the receiver" in reason and "401" in reason, reason
+    assert body["wal"]["lag_s"] > 3.0
+    pitr.pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+
+
 async def test_check_reports_the_wal_preconditions(pitr: Pitr) -> None:
     """`check` with [wal]: tools, wal_level, the replication privilege (missing for a plain
     role), the slot (not there yet: a warning) and the unset max_slot_wal_keep_size warning."""
@@ -364,7 +400,11 @@ async def test_encrypted_base_and_wal_restore_with_the_identity(pitr: Pitr,
 async def test_verify_pitr_starts_a_scratch_server_on_base_and_wal(
         pitr: Pitr, wal_service: WalService) -> None:
     """`verify --pitr`: base + all local WAL into a scratch data directory, a scratch server
-    recovers to the newest shipped WAL and answers; the result is recorded, nothing is left."""
+    recovers to the newest shipped WAL and answers; the result is recorded, nothing is left.
+    Scheduled before any base backup exists, it has nothing to test: not a failure."""
+    early = await verify_pitr_job(pitr.cfg)
+    assert early.ok and early.summary == {"skipped": "no base backup yet"}
+    assert state.last_run(state.load_state(pitr.cfg.local.dir), "verify") is None
     base = await run_base(pitr.cfg)
     committed = _insert(pitr.pg, "verify-me")
     await wait_until(lambda: _uploaded_beyond(pitr.cfg, committed), 10, "WAL shipped")

@@ -5,6 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+# As the alert rules (packaging/prometheus/alerts.yml): WAL lagging more than 3 x max_lag_s,
+# pg_receivewal down for 5 minutes (a restart after a dropped connection is not an outage).
+WAL_LAG_FACTOR = 3.0
+WAL_DOWN_GRACE_S = 300.0
+
+
+@dataclass(frozen=True)
+class WalHealth:
+    """What /health needs of point-in-time recovery ([wal] enabled), from the WAL service's
+    status file (daemon/walmetrics.wal_health)."""
+
+    lag_s: float  # WAL received locally but not on the receiver, in seconds of its arrival
+    max_lag_s: float
+    status_age_s: float  # since the WAL service last wrote its status (or the daemon started)
+    stale_after_s: float
+    receiver_down_s: float  # how long pg_receivewal has been down; 0 while it runs
+    remote_error: str = ""  # why the last WAL upload round could not reach the receiver
+
 
 @dataclass(frozen=True)
 class HealthInput:
@@ -17,6 +35,7 @@ class HealthInput:
     max_pending_age_s: float
     receiver_status: str = ""  # state.RECEIVER_*: "" unknown, ok, down, not_trusted
     receiver_error: str = ""
+    wal: WalHealth | None = None  # None: [wal] is off
 
 
 @dataclass(frozen=True)
@@ -48,4 +67,27 @@ def evaluate(h: HealthInput) -> HealthResult:
     if h.receiver_status == "not_trusted":
         # not an outage that heals by itself: an operator must fix the CA or the certificate
         reasons.append(h.receiver_error or "receiver not trusted (TLS verification failed)")
+    if h.wal is not None:
+        reasons += wal_reasons(h.wal)
     return HealthResult(ok=not reasons, reasons=reasons)
+
+
+def wal_reasons(w: WalHealth) -> list[str]:
+    """Why point-in-time recovery is not keeping up, if it is not (pure)."""
+    if w.status_age_s > w.stale_after_s:
+        return [f"WAL: no status from the WAL service for {w.status_age_s:.0f} s (stuck or "
+                "stopped): WAL is neither received nor shipped"]
+    reasons = []
+    if w.receiver_down_s > WAL_DOWN_GRACE_S:
+        reasons.append(f"WAL: pg_receivewal has been down for {_minutes(w.receiver_down_s)}: "
+                       "no WAL is received, the recovery point stands still")
+    if w.lag_s > WAL_LAG_FACTOR * w.max_lag_s:
+        why = f": {w.remote_error}" if w.remote_error else ""
+        reasons.append(f"WAL: {w.lag_s:.0f} s of received WAL is not on the receiver (over "
+                       f"{WAL_LAG_FACTOR:g} x [wal] max_lag_s = "
+                       f"{WAL_LAG_FACTOR * w.max_lag_s:g} s){why}")
+    return reasons
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min"

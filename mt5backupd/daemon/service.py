@@ -37,6 +37,7 @@ from mt5backupd.daemon.schedule import (
     missed_fire,
     resolve_timezone,
 )
+from mt5backupd.daemon.walmetrics import load_status, wal_health
 from mt5backupd.daemon.webhooks import WebhookNotifier
 from mt5backupd.errors import ConfigError, LockHeldError, Mt5BackupError
 from mt5backupd.sdnotify import SystemdNotifier
@@ -113,6 +114,10 @@ class Daemon:
             finishes.append(datetime.fromisoformat(good.finished))
         waiting = [m for m in manifests if m.pending]
         receiver, receiver_error = state.receiver_status(st)
+        wal = None
+        if self.cfg.wal.enabled:
+            wal = wal_health(load_status(directory), time.time(), self.started.timestamp(),
+                             self.cfg.wal.max_lag_s)
         result = evaluate(HealthInput(
             now=datetime.now(UTC),
             last_success=max(finishes) if finishes else None,
@@ -121,9 +126,9 @@ class Daemon:
             oldest_pending=datetime.fromisoformat(waiting[0].started) if waiting else None,
             max_age_s=self.cfg.health.max_age_s,
             max_pending_age_s=self.cfg.health.max_pending_age_s,
-            receiver_status=receiver, receiver_error=receiver_error,
+            receiver_status=receiver, receiver_error=receiver_error, wal=wal,
         ))
-        body = {
+        body: dict[str, Any] = {
             "status": "ok" if result.ok else "unhealthy",
             "reasons": result.reasons,
             "version": __version__,
@@ -131,6 +136,10 @@ class Daemon:
             "pending_uploads": len(waiting),
             "receiver": receiver or None,  # ok | down | not_trusted (last contact)
         }
+        if wal is not None:
+            body["wal"] = {"lag_s": round(wal.lag_s, 1),
+                           "receiving": wal.receiver_down_s == 0
+                           and wal.status_age_s <= wal.stale_after_s}
         return result.ok, body
 
     async def _health(self, _request: web.Request) -> web.Response:
@@ -140,15 +149,16 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         st = state.load_state(self.cfg.local.dir)
         jobs: dict[str, Any] = {}
-        for job in state.JOBS:
+        for job in (*state.JOBS, "verify_pitr"):
             expr = self._schedule_of(job)
             next_ts = self.live.next_run.get(job)
+            records = "verify" if job == "verify_pitr" else job  # a test restore either way
             jobs[job] = {
                 "schedule": expr or None,
                 "next_run": datetime.fromtimestamp(next_ts, UTC).isoformat() if next_ts else None,
                 "in_progress": bool(self.live.in_progress.get(job)),
-                "last_run": st["jobs"].get(job, {}).get("last_run"),
-                "last_success": st["jobs"].get(job, {}).get("last_success"),
+                "last_run": st["jobs"].get(records, {}).get("last_run"),
+                "last_success": st["jobs"].get(records, {}).get("last_success"),
             }
         current = None
         if self.current is not None:
@@ -172,7 +182,7 @@ class Daemon:
             return ""
         if job == "upload_pending" and not self.cfg.remote.url:
             return ""
-        if job == "base" and not self.cfg.wal.enabled:
+        if job in ("base", "verify_pitr") and not self.cfg.wal.enabled:
             return ""
         return str(getattr(sched, job, ""))
 

@@ -18,6 +18,8 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mt5backupd.daemon.health import WalHealth
+
 P = "mt5backup_wal"
 STALE_FACTOR = 3.0  # the status is stale after this many max_lag_s without a rewrite
 MIN_STALE_S = 30.0
@@ -39,13 +41,41 @@ def wal_values(status: dict[str, Any] | None, now: float) -> dict[str, float]:
     received = float(status.get("last_received") or 0.0)
     shipped = _ts(status.get("newest_uploaded_received_at"))
     # WAL received but not yet on the receiver, in seconds of its arrival times; a receiver
-    # that holds all of it has no lag whatever the clock says
-    lag = max(0.0, received - shipped) if received else 0.0
+    # that holds all of it has no lag whatever the clock says. Before the receiver ever took
+    # any, the span since the oldest WAL waiting for it (not since 1970)
+    since = shipped or _ts(status.get("oldest_pending_received_at"))
+    lag = max(0.0, received - since) if received and since else 0.0
     return {"receiver_up": 1.0 if fresh and status.get("receiver_up") else 0.0,
             "last_received": received, "last_shipped": shipped, "lag": lag,
             "slot_retained": float(status.get("slot_retained_bytes") or 0.0),
             "pending": float(status.get("pending") or 0.0),
             "max_lag": float(status.get("max_lag_s") or 0.0)}
+
+
+def load_status(directory: Path) -> dict[str, Any] | None:
+    """The WAL service's status file under ``directory`` (the [local] dir), None if it has
+    none yet or it cannot be read."""
+    try:
+        status = json.loads((directory / "wal" / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def wal_health(status: dict[str, Any] | None, now: float, running_since: float,
+               max_lag_s: float) -> WalHealth:
+    """/health's view of WAL (pure): ``running_since`` (the daemon's start, epoch seconds)
+    stands in for the status's time until the first status is written."""
+    v = wal_values(status, now)
+    stale_after = max(MIN_STALE_S, STALE_FACTOR * max_lag_s)
+    updated = _ts(status.get("updated")) if status else 0.0
+    down_since = _ts(status.get("receiver_down_since")) if status else 0.0
+    return WalHealth(
+        lag_s=v["lag"], max_lag_s=max_lag_s,
+        status_age_s=max(0.0, now - max(updated, running_since)),
+        stale_after_s=stale_after,
+        receiver_down_s=max(0.0, now - down_since) if down_since else 0.0,
+        remote_error=str(status.get("remote_error") or "") if status else "")
 
 
 class WalCollector(Collector):
@@ -55,12 +85,7 @@ class WalCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         enabled = self._enabled()
-        status: dict[str, Any] | None = None
-        if enabled:
-            try:
-                status = json.loads((self._directory() / "wal" / "status.json").read_text())
-            except (OSError, ValueError):
-                status = None
+        status = load_status(self._directory()) if enabled else None
         v = wal_values(status, time.time())
         yield GaugeMetricFamily(f"{P}_enabled", "1 when [wal] enabled (WAL streaming for PITR)",
                                 value=1.0 if enabled else 0.0)

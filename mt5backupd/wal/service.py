@@ -59,6 +59,7 @@ class WalService:
         self._tasks: list[asyncio.Task[None]] = []
         self._slot_bytes: int | None = None
         self._slot_checked = 0.0
+        self._down_since: str | None = None  # when pg_receivewal was last seen stopping
 
     def start(self) -> None:
         logger.info("WAL streaming on: slot {}, shipping at least every {:g} s",
@@ -85,8 +86,15 @@ class WalService:
                 self._slot_bytes = await slot_retained_bytes(self.cfg)
             except Exception as exc:  # noqa: BLE001 - server down: the metric goes stale
                 logger.debug("slot query failed: {}", exc)
-        status = {"updated": datetime.now(UTC).isoformat(),
+        now = datetime.now(UTC).isoformat()
+        if self.receivewal.running:
+            self._down_since = None
+        elif self._down_since is None:
+            self._down_since = now
+        status = {"updated": now,
                   "receiver_up": self.receivewal.running,
+                  "receiver_down_since": self._down_since,
+                  "remote_error": self.shipper.last_error,
                   "receiver_restarts": self.receivewal.restarts,
                   "last_received": newest_received(received_dir(self.cfg)),
                   "slot_retained_bytes": self._slot_bytes,

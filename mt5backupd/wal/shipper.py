@@ -123,6 +123,7 @@ class ShippedIndex:
     newest_received_at: str  # the newest WAL shipped: its "received_at"
     newest_uploaded_at: str  # ... of those the receiver has
     pending: int
+    oldest_pending_at: str = ""  # the oldest WAL waiting for its upload: its "received_at"
 
     @classmethod
     def load(cls, directory: Path) -> ShippedIndex:
@@ -138,6 +139,9 @@ class ShippedIndex:
             if m.upload.state == "uploaded":
                 index.newest_uploaded_at = max(index.newest_uploaded_at, received)
             index.pending += m.pending
+            if m.pending and received and (not index.oldest_pending_at
+                                           or received < index.oldest_pending_at):
+                index.oldest_pending_at = received
         return index
 
 
@@ -151,6 +155,7 @@ class WalShipper:
         self.shipped = shipped_dir(cfg)
         self.shipping_cfg = shipping_config(cfg)
         self.receiver_ok = False
+        self.last_error = ""  # why the receiver could not take WAL last time ("" when it did)
         self._settled = False
         self.last_round_ok = True
 
@@ -168,8 +173,10 @@ class WalShipper:
             if self.receiver_ok:
                 logger.warning("receiver unavailable for WAL; storing it locally: {}", exc)
             self.receiver_ok = False
+            self.last_error = str(exc)
             return False
         self.receiver_ok = True
+        self.last_error = ""
         return left == 0
 
     async def ship_round(self) -> ShippedIndex:
@@ -326,4 +333,5 @@ def prune_shipped(cfg: Config) -> list[str]:
 
 def status_fields(index: ShippedIndex) -> dict[str, Any]:
     return {"newest_shipped_received_at": index.newest_received_at,
-            "newest_uploaded_received_at": index.newest_uploaded_at, "pending": index.pending}
+            "newest_uploaded_received_at": index.newest_uploaded_at, "pending": index.pending,
+            "oldest_pending_received_at": index.oldest_pending_at}
