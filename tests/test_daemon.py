@@ -16,9 +16,6 @@ import pytest
 
 from mt5backupd.backup import spool
 from mt5backupd.backup.run import run_backup
-from mt5backupd.config import Config, LocalConfig, WalConfig
-from mt5backupd.daemon.jobs import DAEMON_JOBS
-from mt5backupd.daemon.service import Daemon
 from tests.backup_fixtures import BackupSetup
 from tests.daemon_harness import DaemonProcess, daemon_toml
 from tests.pg_fixtures import process_gone
@@ -292,16 +289,3 @@ async def test_daemon_verify_job(backup_setup: BackupSetup, tmp_path: Path,
     m = await daemon.metrics()
     assert m[("mt5backup_last_verify_timestamp_seconds", ())] > 0
     assert m[("mt5backup_last_verify_duration_seconds", ())] > 0
-
-
-@pytest.mark.parametrize("wal", [False, True])
-def test_pitr_jobs_are_scheduled_only_with_wal(tmp_path: Path, wal: bool) -> None:
-    """The base backup and the test of point-in-time recovery run only with [wal] enabled;
-    /status shows the PITR test with the verify runs it is recorded as."""
-    cfg = Config(local=LocalConfig(dir=tmp_path / "backups"),
-                 wal=WalConfig(enabled=wal, slot="mt5"))
-    status = Daemon(cfg, None, None, dict(DAEMON_JOBS)).status()["jobs"]
-    assert status["verify_pitr"]["schedule"] == ("0 6 1 * *" if wal else None)
-    assert status["base"]["schedule"] == ("0 2 * * 0" if wal else None)
-    assert status["verify"]["schedule"] == "0 5 1 * *"
-    assert status["verify_pitr"]["last_run"] is None

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mt5backupd.daemon.health import HealthInput, WalHealth, evaluate
+from mt5backupd.daemon.health import HealthInput, WalHealth, evaluate, wal_reasons
 from mt5backupd.daemon.walmetrics import wal_health
 
 UTC_NOW = datetime(2026, 11, 25, 3, 0, 30, tzinfo=UTC)
@@ -41,7 +41,7 @@ def test_health_rules(last_success_age_h: float | None, failed: bool,
 
 def _wal(**kw: float | str) -> WalHealth:
     base: dict[str, Any] = {"lag_s": 0.5, "max_lag_s": 10.0, "status_age_s": 2.0,
-                            "stale_after_s": 30.0, "receiver_down_s": 0.0}
+                            "stale_after_s": 30.0, "receiver_down_s": 0.0, "failing_s": 0.0}
     return WalHealth(**{**base, **kw})
 
 
@@ -53,6 +53,9 @@ def _wal(**kw: float | str) -> WalHealth:
     (_wal(receiver_down_s=120.0), ""),  # a restart, not an outage yet
     (_wal(receiver_down_s=600.0), "pg_receivewal has been down for 10 min"),
     (_wal(status_age_s=45.0, lag_s=999.0), "no status from the WAL service for 45 s"),
+    (_wal(failing_s=20.0, round_error="OSError: disk"), ""),  # a failed round or two
+    (_wal(failing_s=40.0, round_error="OSError: disk"),
+     "shipping has failed for 40 s: OSError: disk"),
 ])
 def test_wal_health_rules(wal: WalHealth, fragment: str) -> None:
     """With [wal] on, /health also fails when WAL lags past 3 x max_lag_s (saying why the
@@ -84,6 +87,11 @@ def _iso(ago_s: float) -> str:
       "pending": 9, "remote_error": "401 unauthorized"}, 120.0, 3.0, 0.0, "401 unauthorized"),
     ({"updated": _iso(1), "last_received": 0, "receiver_up": False,
       "receiver_down_since": _iso(400)}, 0.0, 1.0, 400.0, ""),
+    # nothing shipped or even stored yet (local shipping fails): from the oldest raw WAL
+    ({"updated": _iso(2), "last_received": NOW_TS - 1, "oldest_received": NOW_TS - 91,
+      "pending_error": "receiver https://ops:s3cret@rx.example:9101 answered 503"},
+     90.0, 2.0, 0.0, "receiver https://rx.example:9101 answered 503"),
+    ({"updated": "not a time", "last_received": "junk"}, 0.0, 600.0, 0.0, ""),
 ])
 def test_wal_health_from_the_status_file(status: dict[str, Any] | None, lag_s: float,
                                          age_s: float, down_s: float, error: str) -> None:
@@ -91,3 +99,13 @@ def test_wal_health_from_the_status_file(status: dict[str, Any] | None, lag_s: f
     assert (round(health.lag_s), round(health.status_age_s), round(health.receiver_down_s),
             health.remote_error) == (lag_s, age_s, down_s, error)
     assert health.stale_after_s == 30.0
+
+
+def test_wal_health_follows_the_running_services_max_lag() -> None:
+    """After a reload changed [wal] max_lag_s, the WAL service still runs with its start-up
+    value (written in its status): /health judges by that one."""
+    status = {"updated": _iso(50), "max_lag_s": 60.0, "last_received": NOW_TS - 1,
+              "newest_uploaded_received_at": _iso(100)}
+    health = wal_health(status, NOW_TS, NOW_TS - 600, 10.0)
+    assert (health.max_lag_s, health.stale_after_s) == (60.0, 180.0)
+    assert wal_reasons(health) == []

@@ -24,7 +24,7 @@ from mt5backupd.backup.remote import receiver_client
 from mt5backupd.backup.run import run_base
 from mt5backupd.cli import main
 from mt5backupd.config import Config, EncryptionConfig, LocalConfig, RemoteConfig, WalConfig
-from mt5backupd.daemon.jobs import run_base_now, run_verify, verify_pitr_job
+from mt5backupd.daemon.jobs import run_base_now, run_verify
 from mt5backupd.daemon.service import Daemon
 from mt5backupd.errors import ChecksumMismatchError, ConfigError
 from mt5backupd.ops.pitr import restore_pitr
@@ -280,6 +280,37 @@ async def test_health_says_when_the_receiver_refuses_wal(pitr: Pitr, tmp_path: P
     pitr.pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
 
 
+async def test_wal_status_keeps_coming_while_a_round_hangs(pitr: Pitr, tmp_path: Path) -> None:
+    """A receiver that accepts connections and never answers holds a shipping round for its
+    whole timeout; the WAL status is still written every max_lag_s / 2, so /health does not
+    call the WAL service stuck."""
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers; the client gives up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = dataclasses.replace(pitr.cfg, remote=dataclasses.replace(
+        pitr.cfg.remote, url=f"http://127.0.0.1:{port}", timeout_s=30.0, max_retries=0))
+    service = WalService(cfg)
+    daemon = Daemon(cfg, None, None, {})
+    status_file = cfg.local.dir / "wal" / "status.json"
+    service.start()
+    try:
+        await wait_until(status_file.exists, 10, "the first WAL status")
+        seen = set()
+        for _ in range(6):
+            seen.add(json.loads(status_file.read_text())["updated"])
+            await asyncio.sleep(0.5)
+        assert service.shipper.client is not None and not service._fields  # round still held
+        assert len(seen) >= 3, seen
+        assert not [r for r in daemon.health()[1]["reasons"] if r.startswith("WAL:")]
+    finally:
+        await service.stop()
+        server.close()
+    pitr.pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+
+
 async def test_check_reports_the_wal_preconditions(pitr: Pitr) -> None:
     """`check` with [wal]: tools, wal_level, the replication privilege (missing for a plain
     role), the slot (not there yet: a warning) and the unset max_slot_wal_keep_size warning."""
@@ -400,11 +431,7 @@ async def test_encrypted_base_and_wal_restore_with_the_identity(pitr: Pitr,
 async def test_verify_pitr_starts_a_scratch_server_on_base_and_wal(
         pitr: Pitr, wal_service: WalService) -> None:
     """`verify --pitr`: base + all local WAL into a scratch data directory, a scratch server
-    recovers to the newest shipped WAL and answers; the result is recorded, nothing is left.
-    Scheduled before any base backup exists, it has nothing to test: not a failure."""
-    early = await verify_pitr_job(pitr.cfg)
-    assert early.ok and early.summary == {"skipped": "no base backup yet"}
-    assert state.last_run(state.load_state(pitr.cfg.local.dir), "verify") is None
+    recovers to the newest shipped WAL and answers; the result is recorded, nothing is left."""
     base = await run_base(pitr.cfg)
     committed = _insert(pitr.pg, "verify-me")
     await wait_until(lambda: _uploaded_beyond(pitr.cfg, committed), 10, "WAL shipped")

@@ -210,7 +210,10 @@ def scratch_fds(pid: int, scratch: Path) -> list[str]:
     """The receiver's open files in its scratch dir (an unlinked file shows as "(deleted)")."""
     found = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed since the listing (the receiver keeps working)
+            continue
         if target.startswith(str(scratch)):
             found.append(target)
     return found

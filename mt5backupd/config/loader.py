@@ -222,7 +222,6 @@ def _load_schedule(sec: Section, checks: ScheduleChecks | None) -> ScheduleConfi
         verify=sec.get("verify", str, d.verify),
         upload_pending=sec.get("upload_pending", str, d.upload_pending),
         base=sec.get("base", str, d.base),
-        verify_pitr=sec.get("verify_pitr", str, d.verify_pitr),
         misfire_grace_s=sec.float_min("misfire_grace_s", d.misfire_grace_s, 1.0),
     )
     if checks is not None:
@@ -241,7 +240,7 @@ def check_schedule(cfg: ScheduleConfig, checks: ScheduleChecks, where: str) -> N
             checks.timezone(cfg.timezone)
         except ValueError as exc:
             raise ConfigError(f"{where}: [schedule] timezone: {exc}") from None
-    for key in ("database", "repository", "verify", "upload_pending", "base", "verify_pitr"):
+    for key in ("database", "repository", "verify", "upload_pending", "base"):
         expr = getattr(cfg, key)
         if expr:
             try:

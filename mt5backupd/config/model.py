@@ -122,7 +122,6 @@ class ScheduleConfig:
     verify: str = "0 5 1 * *"  # monthly test restore
     upload_pending: str = "0 * * * *"
     base: str = "0 2 * * 0"  # weekly base backup (pg_basebackup) when [wal] enabled
-    verify_pitr: str = "0 6 1 * *"  # monthly test of point-in-time recovery when [wal] enabled
     misfire_grace_s: float = 3600.0
 
 

@@ -21,7 +21,9 @@ class WalHealth:
     status_age_s: float  # since the WAL service last wrote its status (or the daemon started)
     stale_after_s: float
     receiver_down_s: float  # how long pg_receivewal has been down; 0 while it runs
-    remote_error: str = ""  # why the last WAL upload round could not reach the receiver
+    failing_s: float = 0.0  # how long shipping rounds have been failing in a row; 0: they work
+    remote_error: str = ""  # why the receiver did not take WAL (its answer), "" if it did
+    round_error: str = ""  # why the last shipping round failed
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ def wal_reasons(w: WalHealth) -> list[str]:
         return [f"WAL: no status from the WAL service for {w.status_age_s:.0f} s (stuck or "
                 "stopped): WAL is neither received nor shipped"]
     reasons = []
+    if w.failing_s > w.stale_after_s:
+        reasons.append(f"WAL: shipping has failed for {w.failing_s:.0f} s: {w.round_error}")
     if w.receiver_down_s > WAL_DOWN_GRACE_S:
         reasons.append(f"WAL: pg_receivewal has been down for {_minutes(w.receiver_down_s)}: "
                        "no WAL is received, the recovery point stands still")

@@ -16,11 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loguru import logger
-
 from mt5backupd import runstate as state
-from mt5backupd.backup import spool
-from mt5backupd.backup.basebackup import KIND as KIND_BASE
 from mt5backupd.backup.pending import pending_command
 from mt5backupd.backup.result import BackupResult
 from mt5backupd.backup.run import run_backup, run_base, run_repository
@@ -152,16 +148,6 @@ async def verify_job(cfg: Config) -> JobOutcome:
     return JobOutcome(outcome.passed or outcome.skipped, outcome.to_json())
 
 
-async def verify_pitr_job(cfg: Config) -> JobOutcome:
-    """The scheduled `verify --pitr` (recorded as a verify run). Before the first base backup
-    there is nothing to test yet: that is not a failure."""
-    if not spool.load_manifests(cfg.local.dir, KIND_BASE):
-        logger.info("no base backup yet: nothing to test point-in-time recovery on")
-        return JobOutcome(True, {"skipped": "no base backup yet"})
-    outcome = await run_verify(cfg, pitr=True)
-    return JobOutcome(outcome.passed or outcome.skipped, outcome.to_json())
-
-
 async def upload_pending_now(cfg: Config) -> tuple[int, int]:
     """Upload pending backups; (uploaded, still pending). The textfile follows, since the
     pending counts changed."""
@@ -182,5 +168,4 @@ DAEMON_JOBS = {
     "verify": verify_job,
     "upload_pending": upload_pending_job,
     "base": base_job,
-    "verify_pitr": verify_pitr_job,
 }

@@ -149,16 +149,15 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         st = state.load_state(self.cfg.local.dir)
         jobs: dict[str, Any] = {}
-        for job in (*state.JOBS, "verify_pitr"):
+        for job in state.JOBS:
             expr = self._schedule_of(job)
             next_ts = self.live.next_run.get(job)
-            records = "verify" if job == "verify_pitr" else job  # a test restore either way
             jobs[job] = {
                 "schedule": expr or None,
                 "next_run": datetime.fromtimestamp(next_ts, UTC).isoformat() if next_ts else None,
                 "in_progress": bool(self.live.in_progress.get(job)),
-                "last_run": st["jobs"].get(records, {}).get("last_run"),
-                "last_success": st["jobs"].get(records, {}).get("last_success"),
+                "last_run": st["jobs"].get(job, {}).get("last_run"),
+                "last_success": st["jobs"].get(job, {}).get("last_success"),
             }
         current = None
         if self.current is not None:
@@ -182,7 +181,7 @@ class Daemon:
             return ""
         if job == "upload_pending" and not self.cfg.remote.url:
             return ""
-        if job in ("base", "verify_pitr") and not self.cfg.wal.enabled:
+        if job == "base" and not self.cfg.wal.enabled:
             return ""
         return str(getattr(sched, job, ""))
 

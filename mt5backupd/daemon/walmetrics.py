@@ -9,6 +9,7 @@ stopped being rewritten (daemon dead or hung) counts as pg_receivewal down.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -19,6 +20,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mt5backupd.daemon.health import WalHealth
+from mt5backupd.redact import mask
 
 P = "mt5backup_wal"
 STALE_FACTOR = 3.0  # the status is stale after this many max_lag_s without a rewrite
@@ -28,7 +30,18 @@ MIN_STALE_S = 30.0
 def _ts(iso: object) -> float:
     if not isinstance(iso, str) or not iso:
         return 0.0
-    return datetime.fromisoformat(iso).timestamp()
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:  # a damaged status file: as if the field were missing
+        return 0.0
+
+
+def _num(value: object) -> float:
+    """A number of the status file; 0 for what is missing or damaged."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def wal_values(status: dict[str, Any] | None, now: float) -> dict[str, float]:
@@ -36,20 +49,21 @@ def wal_values(status: dict[str, Any] | None, now: float) -> dict[str, float]:
     if not status:
         return {"receiver_up": 0.0, "last_received": 0.0, "last_shipped": 0.0, "lag": 0.0,
                 "slot_retained": 0.0, "pending": 0.0, "max_lag": 0.0}
-    stale_after = max(MIN_STALE_S, STALE_FACTOR * float(status.get("max_lag_s", 10.0)))
+    stale_after = max(MIN_STALE_S, STALE_FACTOR * (_num(status.get("max_lag_s")) or 10.0))
     fresh = now - _ts(status.get("updated")) <= stale_after
-    received = float(status.get("last_received") or 0.0)
+    received = _num(status.get("last_received"))
     shipped = _ts(status.get("newest_uploaded_received_at"))
     # WAL received but not yet on the receiver, in seconds of its arrival times; a receiver
     # that holds all of it has no lag whatever the clock says. Before the receiver ever took
     # any, the span since the oldest WAL waiting for it (not since 1970)
-    since = shipped or _ts(status.get("oldest_pending_received_at"))
+    since = (shipped or _ts(status.get("oldest_pending_received_at"))
+             or _num(status.get("oldest_received")))
     lag = max(0.0, received - since) if received and since else 0.0
     return {"receiver_up": 1.0 if fresh and status.get("receiver_up") else 0.0,
             "last_received": received, "last_shipped": shipped, "lag": lag,
-            "slot_retained": float(status.get("slot_retained_bytes") or 0.0),
-            "pending": float(status.get("pending") or 0.0),
-            "max_lag": float(status.get("max_lag_s") or 0.0)}
+            "slot_retained": _num(status.get("slot_retained_bytes")),
+            "pending": _num(status.get("pending")),
+            "max_lag": _num(status.get("max_lag_s"))}
 
 
 def load_status(directory: Path) -> dict[str, Any] | None:
@@ -65,17 +79,34 @@ def load_status(directory: Path) -> dict[str, Any] | None:
 def wal_health(status: dict[str, Any] | None, now: float, running_since: float,
                max_lag_s: float) -> WalHealth:
     """/health's view of WAL (pure): ``running_since`` (the daemon's start, epoch seconds)
-    stands in for the status's time until the first status is written."""
+    stands in for the status's time until the first status is written; the status's own
+    ``max_lag_s`` (what the running WAL service uses) wins over the configured one."""
+    status = status or {}
     v = wal_values(status, now)
-    stale_after = max(MIN_STALE_S, STALE_FACTOR * max_lag_s)
-    updated = _ts(status.get("updated")) if status else 0.0
-    down_since = _ts(status.get("receiver_down_since")) if status else 0.0
+    max_lag_s = _num(status.get("max_lag_s")) or max_lag_s
+    since = {key: _ts(status.get(key)) for key in
+             ("updated", "receiver_down_since", "round_failing_since")}
     return WalHealth(
         lag_s=v["lag"], max_lag_s=max_lag_s,
-        status_age_s=max(0.0, now - max(updated, running_since)),
-        stale_after_s=stale_after,
-        receiver_down_s=max(0.0, now - down_since) if down_since else 0.0,
-        remote_error=str(status.get("remote_error") or "") if status else "")
+        status_age_s=max(0.0, now - max(since["updated"], running_since)),
+        stale_after_s=max(MIN_STALE_S, STALE_FACTOR * max_lag_s),
+        receiver_down_s=max(0.0, now - since["receiver_down_since"])
+        if since["receiver_down_since"] else 0.0,
+        failing_s=max(0.0, now - since["round_failing_since"])
+        if since["round_failing_since"] else 0.0,
+        remote_error=public_text(str(status.get("remote_error") or status.get("pending_error")
+                                     or "")),
+        round_error=public_text(str(status.get("round_error") or "")))
+
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+
+
+def public_text(text: str) -> str:
+    """An error text fit for the unauthenticated /health: a URL's user:password@ removed,
+    known secrets masked, one line, at most 300 characters."""
+    text = mask(_USERINFO.sub(r"\1", text)).replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class WalCollector(Collector):

@@ -26,6 +26,7 @@ from mt5backupd.wal.receivewal import ReceiveWal
 from mt5backupd.wal.shipper import WalShipper, received_dir, status_fields
 
 SLOT_QUERY_INTERVAL_S = 15.0
+SLOT_QUERY_TIMEOUT_S = 5.0  # a server that does not answer must not hold the status back
 
 
 def status_path(cfg: Config) -> Path:
@@ -34,9 +35,17 @@ def status_path(cfg: Config) -> Path:
 
 def newest_received(directory: Path) -> float:
     """When pg_receivewal last wrote WAL: the newest mtime in its directory (0: never)."""
+    return _received_span(directory)[1]
+
+
+def _received_span(directory: Path) -> tuple[float, float]:
+    """(oldest, newest) mtime of the WAL files pg_receivewal left in its directory (what is
+    not shipped and tidied yet); (0, 0) when there are none."""
     with contextlib.suppress(FileNotFoundError):
-        return max((p.stat().st_mtime for p in directory.iterdir() if p.is_file()), default=0.0)
-    return 0.0
+        times = [p.stat().st_mtime for p in directory.iterdir() if p.is_file()]
+        if times:
+            return min(times), max(times)
+    return 0.0, 0.0
 
 
 async def slot_retained_bytes(cfg: Config) -> int | None:
@@ -60,32 +69,51 @@ class WalService:
         self._slot_bytes: int | None = None
         self._slot_checked = 0.0
         self._down_since: str | None = None  # when pg_receivewal was last seen stopping
+        self._fields: dict[str, Any] = {}  # what the last good shipping round found
+        self._round_error = ""  # why the last round failed ("" when it did not)
+        self._failing_since: str | None = None  # first of the rounds failing in a row
 
     def start(self) -> None:
         logger.info("WAL streaming on: slot {}, shipping at least every {:g} s",
                     self.cfg.wal.slot, self.cfg.wal.max_lag_s)
         self._tasks = [asyncio.create_task(self.receivewal.run()),
-                       asyncio.create_task(self._ship_loop())]
+                       asyncio.create_task(self._ship_loop()),
+                       asyncio.create_task(self._status_loop())]
 
     async def _ship_loop(self) -> None:
         interval_s = self.cfg.wal.max_lag_s / 2
         while True:
             t0 = time.monotonic()
-            fields: dict[str, Any] = {}
             try:
-                fields = status_fields(await self.shipper.ship_round())
+                self._fields = status_fields(await self.shipper.ship_round())
+                self._round_error, self._failing_since = "", None
             except Exception as exc:  # noqa: BLE001 - a failed round must not end shipping
                 logger.opt(exception=exc).error("WAL shipping round failed: {}", exc)
-            await self._write_status(fields)
+                self._round_error = f"{exc.__class__.__name__}: {exc}"
+                if self._failing_since is None:
+                    self._failing_since = datetime.now(UTC).isoformat()
+            await self._write_status(self._fields)  # what this round did, at once
+            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - t0)))
+
+    async def _status_loop(self) -> None:
+        """The status every max_lag_s / 2 (and after every round), whatever a shipping round is
+        waiting on (a slow or unreachable receiver can hold one for minutes): an old status
+        means this service, not the network, is stuck."""
+        interval_s = self.cfg.wal.max_lag_s / 2
+        while True:
+            t0 = time.monotonic()
+            await self._write_status(self._fields)
             await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - t0)))
 
     async def _write_status(self, fields: dict[str, Any]) -> None:
         if time.monotonic() - self._slot_checked > SLOT_QUERY_INTERVAL_S:
             self._slot_checked = time.monotonic()
             try:
-                self._slot_bytes = await slot_retained_bytes(self.cfg)
+                async with asyncio.timeout(SLOT_QUERY_TIMEOUT_S):
+                    self._slot_bytes = await slot_retained_bytes(self.cfg)
             except Exception as exc:  # noqa: BLE001 - server down: the metric goes stale
                 logger.debug("slot query failed: {}", exc)
+        oldest, newest = await asyncio.to_thread(_received_span, received_dir(self.cfg))
         now = datetime.now(UTC).isoformat()
         if self.receivewal.running:
             self._down_since = None
@@ -96,7 +124,10 @@ class WalService:
                   "receiver_down_since": self._down_since,
                   "remote_error": self.shipper.last_error,
                   "receiver_restarts": self.receivewal.restarts,
-                  "last_received": newest_received(received_dir(self.cfg)),
+                  "last_received": newest,
+                  "oldest_received": oldest,
+                  "round_error": self._round_error,
+                  "round_failing_since": self._failing_since,
                   "slot_retained_bytes": self._slot_bytes,
                   "max_lag_s": self.cfg.wal.max_lag_s,
                   "remote_ok": self.shipper.receiver_ok, **fields}

@@ -124,6 +124,7 @@ class ShippedIndex:
     newest_uploaded_at: str  # ... of those the receiver has
     pending: int
     oldest_pending_at: str = ""  # the oldest WAL waiting for its upload: its "received_at"
+    pending_error: str = ""  # ... and why its upload did not happen
 
     @classmethod
     def load(cls, directory: Path) -> ShippedIndex:
@@ -142,6 +143,7 @@ class ShippedIndex:
             if m.pending and received and (not index.oldest_pending_at
                                            or received < index.oldest_pending_at):
                 index.oldest_pending_at = received
+                index.pending_error = m.upload.error or ""
         return index
 
 
@@ -334,4 +336,5 @@ def prune_shipped(cfg: Config) -> list[str]:
 def status_fields(index: ShippedIndex) -> dict[str, Any]:
     return {"newest_shipped_received_at": index.newest_received_at,
             "newest_uploaded_received_at": index.newest_uploaded_at, "pending": index.pending,
-            "oldest_pending_received_at": index.oldest_pending_at}
+            "oldest_pending_received_at": index.oldest_pending_at,
+            "pending_error": index.pending_error}
