@@ -33,19 +33,16 @@ def status_path(cfg: Config) -> Path:
     return cfg.local.dir / "wal" / "status.json"
 
 
-def newest_received(directory: Path) -> float:
-    """When pg_receivewal last wrote WAL: the newest mtime in its directory (0: never)."""
-    return _received_span(directory)[1]
-
-
 def _received_span(directory: Path) -> tuple[float, float]:
     """(oldest, newest) mtime of the WAL files pg_receivewal left in its directory (what is
-    not shipped and tidied yet); (0, 0) when there are none."""
+    not shipped and tidied yet); the newest is when it last wrote WAL; (0, 0): none."""
+    times = []
     with contextlib.suppress(FileNotFoundError):
-        times = [p.stat().st_mtime for p in directory.iterdir() if p.is_file()]
-        if times:
-            return min(times), max(times)
-    return 0.0, 0.0
+        for path in directory.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # shipped and tidied meanwhile
+                if path.is_file():
+                    times.append(path.stat().st_mtime)
+    return (min(times), max(times)) if times else (0.0, 0.0)
 
 
 async def slot_retained_bytes(cfg: Config) -> int | None:
