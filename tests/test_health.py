@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mt5backupd import runstate as state
+from mt5backupd.config import Config, LocalConfig
 from mt5backupd.daemon.health import HealthInput, WalHealth, evaluate, wal_reasons
+from mt5backupd.daemon.service import Daemon
 from mt5backupd.daemon.walmetrics import wal_health
 
 UTC_NOW = datetime(2026, 11, 25, 3, 0, 30, tzinfo=UTC)
@@ -109,3 +113,18 @@ def test_wal_health_follows_the_running_services_max_lag() -> None:
     health = wal_health(status, NOW_TS, NOW_TS - 600, 10.0)
     assert (health.max_lag_s, health.stale_after_s) == (60.0, 180.0)
     assert wal_reasons(health) == []
+
+
+def test_public_health_texts_hide_url_credentials(tmp_path: Path) -> None:
+    """/health answers anyone who can reach it: an error that quotes a URL with
+    user:password@ in it is shown without them (/status, behind the same port, is for
+    operators and keeps the whole text)."""
+    cfg = Config(local=LocalConfig(dir=tmp_path))
+    state.record_run(tmp_path, state.RunRecord(
+        job="database", id="", started=UTC_NOW.isoformat(), finished=UTC_NOW.isoformat(),
+        result="failure", duration_s=1.0,
+        error="upload to https://ops:s3cret@rx.example:9101 failed: 503"))
+    ok, body = Daemon(cfg, None, None, {}).health()
+    assert not ok
+    text = " ".join(body["reasons"])
+    assert "https://rx.example:9101 failed: 503" in text and "s3cret" not in text

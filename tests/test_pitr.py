@@ -435,6 +435,12 @@ async def test_verify_pitr_starts_a_scratch_server_on_base_and_wal(
     base = await run_base(pitr.cfg)
     committed = _insert(pitr.pg, "verify-me")
     await wait_until(lambda: _uploaded_beyond(pitr.cfg, committed), 10, "WAL shipped")
+    # the WAL just shipped may be the end of the segment before the base's last one: wait for
+    # the whole chain the base needs, as a scheduled test would find it
+    [base_manifest] = spool.load_manifests(pitr.cfg.local.dir, "base")
+    await wait_until(lambda: chain_complete(base_manifest.extra["wal"],
+                                            ShippedIndex.load(shipped_dir(pitr.cfg))), 10,
+                     "the base's WAL chain stored")
     outcome = await run_verify(pitr.cfg, pitr=True)
     assert outcome.passed, outcome.reasons
     assert outcome.id == base.id and outcome.tables == 1

@@ -37,7 +37,7 @@ from mt5backupd.daemon.schedule import (
     missed_fire,
     resolve_timezone,
 )
-from mt5backupd.daemon.walmetrics import load_status, wal_health
+from mt5backupd.daemon.walmetrics import load_status, public_text, wal_health
 from mt5backupd.daemon.webhooks import WebhookNotifier
 from mt5backupd.errors import ConfigError, LockHeldError, Mt5BackupError
 from mt5backupd.sdnotify import SystemdNotifier
@@ -122,11 +122,12 @@ class Daemon:
             now=datetime.now(UTC),
             last_success=max(finishes) if finishes else None,
             last_run_failed=run is not None and not run.succeeded,
-            last_run_error=run.error if run else "",
+            # /health is public: its texts lose a URL's user:password@ and known secrets
+            last_run_error=public_text(run.error) if run else "",
             oldest_pending=datetime.fromisoformat(waiting[0].started) if waiting else None,
             max_age_s=self.cfg.health.max_age_s,
             max_pending_age_s=self.cfg.health.max_pending_age_s,
-            receiver_status=receiver, receiver_error=receiver_error, wal=wal,
+            receiver_status=receiver, receiver_error=public_text(receiver_error), wal=wal,
         ))
         body: dict[str, Any] = {
             "status": "ok" if result.ok else "unhealthy",
