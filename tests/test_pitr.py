@@ -131,6 +131,15 @@ async def wal_service(pitr: Pitr) -> AsyncIterator[WalService]:
         pitr.pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
 
 
+def _chain_on_receiver(cfg: Config) -> bool:
+    """The newest base backup's whole WAL chain is stored and nothing stored waits for its
+    upload. (WAL shipped after a commit's time can still be a snapshot of the segment before
+    the base's last one, read before pg_receivewal got the rest.)"""
+    bases = spool.load_manifests(cfg.local.dir, "base")
+    index = ShippedIndex.load(shipped_dir(cfg))
+    return bool(bases) and chain_complete(bases[-1].extra["wal"], index) and index.pending == 0
+
+
 def _uploaded_beyond(cfg: Config, when: datetime) -> bool:
     newest = ShippedIndex.load(shipped_dir(cfg)).newest_uploaded_at
     return bool(newest) and datetime.fromisoformat(newest) > when
@@ -409,6 +418,7 @@ async def test_encrypted_base_and_wal_restore_with_the_identity(pitr: Pitr,
         assert base.ok and base.id.endswith(".tar.zst.age")
         committed = _insert(pitr.pg, "secret-row")
         await wait_until(lambda: _uploaded_beyond(cfg, committed), 10, "WAL shipped")
+        await wait_until(lambda: _chain_on_receiver(cfg), 10, "the base's WAL chain uploaded")
     finally:
         await service.stop()
         pitr.pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
@@ -435,12 +445,7 @@ async def test_verify_pitr_starts_a_scratch_server_on_base_and_wal(
     base = await run_base(pitr.cfg)
     committed = _insert(pitr.pg, "verify-me")
     await wait_until(lambda: _uploaded_beyond(pitr.cfg, committed), 10, "WAL shipped")
-    # the WAL just shipped may be the end of the segment before the base's last one: wait for
-    # the whole chain the base needs, as a scheduled test would find it
-    [base_manifest] = spool.load_manifests(pitr.cfg.local.dir, "base")
-    await wait_until(lambda: chain_complete(base_manifest.extra["wal"],
-                                            ShippedIndex.load(shipped_dir(pitr.cfg))), 10,
-                     "the base's WAL chain stored")
+    await wait_until(lambda: _chain_on_receiver(pitr.cfg), 10, "the base's WAL chain stored")
     outcome = await run_verify(pitr.cfg, pitr=True)
     assert outcome.passed, outcome.reasons
     assert outcome.id == base.id and outcome.tables == 1
