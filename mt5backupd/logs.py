@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from loguru import logger
 
-from mt5backupd.redact import MASK, any_registered, mask, register_secret
+from mt5backupd.redact import MASK, mask, register_secret
 
 if TYPE_CHECKING:
     from loguru import Record
@@ -33,8 +33,7 @@ class LogSettings(Protocol):
     def retention_files(self) -> int: ...
 
 def _patch(record: Record) -> None:
-    if any_registered():
-        record["message"] = mask(record["message"])
+    record["message"] = mask(record["message"])
 
 
 class _InterceptHandler(logging.Handler):

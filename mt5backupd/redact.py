@@ -1,8 +1,10 @@
-"""The secret values every log line is masked against: a registry with no logging library in
-it, so the config loader can register a password before loguru (and the asyncio it imports)
-is loaded: ``--run-now`` starts pg_dump before both (backup/runstart)."""
+"""The secret values every log line and public text is masked against: a registry with no
+logging library in it, so the config loader can register a password before loguru (and the
+asyncio it imports) is loaded: ``--run-now`` starts pg_dump before both (backup/runstart)."""
 
 from __future__ import annotations
+
+import re
 
 MASK = "***"
 _secrets: set[str] = set()
@@ -21,5 +23,11 @@ def mask(text: str) -> str:
     return text
 
 
-def any_registered() -> bool:
-    return bool(_secrets)
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+
+
+def public_text(text: str) -> str:
+    """An error text fit for an unauthenticated endpoint (/health): a URL's user:password@
+    removed, known secrets masked, one line, at most 300 characters."""
+    text = mask(_USERINFO.sub(r"\1", text)).replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -37,9 +37,10 @@ from mt5backupd.daemon.schedule import (
     missed_fire,
     resolve_timezone,
 )
-from mt5backupd.daemon.walmetrics import load_status, public_text, wal_health
+from mt5backupd.daemon.walmetrics import load_status, wal_health
 from mt5backupd.daemon.webhooks import WebhookNotifier
 from mt5backupd.errors import ConfigError, LockHeldError, Mt5BackupError
+from mt5backupd.redact import public_text
 from mt5backupd.sdnotify import SystemdNotifier
 from mt5backupd.wal.service import WalService
 from mt5backupd.webapp import start_site

@@ -9,7 +9,6 @@ stopped being rewritten (daemon dead or hung) counts as pg_receivewal down.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -20,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mt5backupd.daemon.health import WalHealth
-from mt5backupd.redact import mask
+from mt5backupd.redact import public_text
 
 P = "mt5backup_wal"
 STALE_FACTOR = 3.0  # the status is stale after this many max_lag_s without a rewrite
@@ -97,16 +96,6 @@ def wal_health(status: dict[str, Any] | None, now: float, running_since: float,
         remote_error=public_text(str(status.get("remote_error") or status.get("pending_error")
                                      or "")),
         round_error=public_text(str(status.get("round_error") or "")))
-
-
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
-
-
-def public_text(text: str) -> str:
-    """An error text fit for the unauthenticated /health: a URL's user:password@ removed,
-    known secrets masked, one line, at most 300 characters."""
-    text = mask(_USERINFO.sub(r"\1", text)).replace("\n", " ")
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class WalCollector(Collector):

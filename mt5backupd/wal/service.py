@@ -69,6 +69,7 @@ class WalService:
         self._fields: dict[str, Any] = {}  # what the last good shipping round found
         self._round_error = ""  # why the last round failed ("" when it did not)
         self._failing_since: str | None = None  # first of the rounds failing in a row
+        self._written_at = 0.0  # time.monotonic() of the last status write
 
     def start(self) -> None:
         logger.info("WAL streaming on: slot {}, shipping at least every {:g} s",
@@ -89,20 +90,23 @@ class WalService:
                 self._round_error = f"{exc.__class__.__name__}: {exc}"
                 if self._failing_since is None:
                     self._failing_since = datetime.now(UTC).isoformat()
-            await self._write_status(self._fields)  # what this round did, at once
+            await self._write_status()  # what this round did, at once
             await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - t0)))
 
     async def _status_loop(self) -> None:
-        """The status every max_lag_s / 2 (and after every round), whatever a shipping round is
-        waiting on (a slow or unreachable receiver can hold one for minutes): an old status
-        means this service, not the network, is stuck."""
+        """A status at least every max_lag_s / 2 (rounds write one when they end), whatever a
+        shipping round is waiting on (a slow or unreachable receiver can hold one for minutes):
+        an old status means this service, not the network, is stuck."""
         interval_s = self.cfg.wal.max_lag_s / 2
         while True:
-            t0 = time.monotonic()
-            await self._write_status(self._fields)
-            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - t0)))
+            due_s = self._written_at + interval_s - time.monotonic()
+            if due_s > 0:
+                await asyncio.sleep(due_s)
+            else:
+                await self._write_status()
 
-    async def _write_status(self, fields: dict[str, Any]) -> None:
+    async def _write_status(self) -> None:
+        self._written_at = time.monotonic()
         if time.monotonic() - self._slot_checked > SLOT_QUERY_INTERVAL_S:
             self._slot_checked = time.monotonic()
             try:
@@ -127,7 +131,7 @@ class WalService:
                   "round_failing_since": self._failing_since,
                   "slot_retained_bytes": self._slot_bytes,
                   "max_lag_s": self.cfg.wal.max_lag_s,
-                  "remote_ok": self.shipper.receiver_ok, **fields}
+                  "remote_ok": self.shipper.receiver_ok, **self._fields}
         with contextlib.suppress(OSError):
             await asyncio.to_thread(atomic_write_json, status_path(self.cfg), status, mode=0o640)
 
